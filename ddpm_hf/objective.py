@@ -1,0 +1,152 @@
+"""The DDPM training objective as pure functions of tensors (Ho et al. 2020, section 3).
+
+Nothing here touches a model, an optimizer or a process group, so every identity can be
+tested in isolation: the forward process q(x_t | x_0), the three regression targets that
+`diffusers` schedulers understand, the per-timestep loss weights and the timestep samplers.
+
+Symbols follow the paper: ``abar_t`` is alpha-bar_t = prod_{s<=t} (1 - beta_s), ``eps`` the
+Gaussian noise, ``x0`` the clean image, ``x_t`` the noised one.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+PredictionType = Literal["epsilon", "sample", "v_prediction"]
+LossWeighting = Literal["simple", "snr", "min_snr"]
+TimestepSampling = Literal["uniform", "stratified"]
+
+
+def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a (B,) tensor so it broadcasts over a (B, C, H, W) batch."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def q_sample(x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Draw x_t ~ q(x_t | x_0) in closed form: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps (Ho et al. eq. 4).
+
+    :param x0: clean images, (B, C, H, W) in [-1, 1].
+    :param noise: eps ~ N(0, I), same shape as ``x0``.
+    :param timesteps: integer t per example, (B,).
+    :param alphas_cumprod: abar_t for t = 0..T-1, (T,), on the same device as ``x0``.
+    """
+    abar = alphas_cumprod[timesteps]
+    return _per_example(abar.sqrt(), x0) * x0 + _per_example((1 - abar).sqrt(), x0) * noise
+
+
+def training_target(
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType,
+) -> torch.Tensor:
+    """What the network regresses onto, in the convention `DDPMScheduler.step` reads it.
+
+    - ``epsilon``: the noise eps (Ho et al. eq. 14).
+    - ``sample``: the clean image x0.
+    - ``v_prediction``: v = sqrt(abar_t) eps - sqrt(1 - abar_t) x0 (Salimans and Ho 2022, section 4).
+    """
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "v_prediction":
+        abar = alphas_cumprod[timesteps]
+        return _per_example(abar.sqrt(), x0) * noise - _per_example((1 - abar).sqrt(), x0) * x0
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def predicted_x0(
+    x_t: torch.Tensor,
+    model_output: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType,
+) -> torch.Tensor:
+    """Invert the parametrisation: the x0 implied by a model output at x_t (as `DDPMScheduler.step` computes it)."""
+    abar = _per_example(alphas_cumprod[timesteps], x_t)
+    if prediction_type == "epsilon":
+        return (x_t - (1 - abar).sqrt() * model_output) / abar.sqrt()
+    if prediction_type == "sample":
+        return model_output
+    if prediction_type == "v_prediction":
+        return abar.sqrt() * x_t - (1 - abar).sqrt() * model_output
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio SNR(t) = abar_t / (1 - abar_t) (Kingma et al. 2021, eq. 1)."""
+    abar = alphas_cumprod[timesteps]
+    return abar / (1 - abar)
+
+
+def loss_weights(
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType,
+    weighting: LossWeighting,
+    snr_gamma: float = 5.0,
+) -> torch.Tensor:
+    """Per-example weight on the MSE to the target, shape (B,).
+
+    Every weighting is defined as a weight w(t) on the x0-space error ||x0 - x0_hat||^2 and
+    converted to the chosen target, using ||eps - eps_hat||^2 = SNR ||x0 - x0_hat||^2 and
+    ||v - v_hat||^2 = (SNR + 1) ||x0 - x0_hat||^2:
+
+    - ``simple``: weight 1 on the target's own MSE (Ho et al. L_simple, whatever the target).
+    - ``snr``: w(t) = SNR(t), the x0-space weight that L_simple implies for eps-prediction,
+      applied to any target: 1 for eps, SNR/(SNR + 1) for v, SNR for x0.
+    - ``min_snr``: w(t) = min(SNR(t), gamma) (Hang et al. 2023): min(SNR, gamma)/SNR for eps,
+      min(SNR, gamma)/(SNR + 1) for v, min(SNR, gamma) for x0.
+    """
+    if weighting == "simple":
+        return torch.ones(timesteps.shape, dtype=alphas_cumprod.dtype, device=timesteps.device)
+    if weighting not in ("snr", "min_snr"):
+        raise ValueError(f"unknown loss weighting {weighting!r}")
+    ratio = snr(timesteps, alphas_cumprod)
+    x0_space_weight = ratio if weighting == "snr" else ratio.clamp(max=snr_gamma)
+    if prediction_type == "epsilon":
+        # min(SNR, gamma) / SNR written as min(1, gamma / SNR): no 0/0 where abar_t underflows.
+        return torch.ones_like(ratio) if weighting == "snr" else (snr_gamma / ratio).clamp(max=1.0)
+    if prediction_type == "v_prediction":
+        return x0_space_weight / (ratio + 1)
+    if prediction_type == "sample":
+        return x0_space_weight
+    raise ValueError(f"unknown prediction_type {prediction_type!r}")
+
+
+def sample_timesteps(
+    batch_size: int,
+    num_train_timesteps: int,
+    mode: TimestepSampling,
+    generator: torch.Generator | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Draw one integer t in [0, T) per example.
+
+    ``uniform``: t ~ U{0..T-1} independently (Ho et al. algorithm 1).
+    ``stratified``: split [0, T) into ``batch_size`` equal slices and draw one t uniformly in
+    each, then shuffle, so every batch covers the whole range: the same expectation as uniform
+    with a lower-variance batch loss.
+    """
+    if mode == "uniform":
+        return torch.randint(0, num_train_timesteps, (batch_size,), generator=generator, device=device)
+    if mode == "stratified":
+        offsets = torch.rand(batch_size, generator=generator, device=device, dtype=torch.float64)
+        slices = torch.arange(batch_size, device=device, dtype=torch.float64)
+        t = ((slices + offsets) * num_train_timesteps / batch_size).floor().long().clamp(max=num_train_timesteps - 1)
+        return t[torch.randperm(batch_size, generator=generator, device=device)]
+    raise ValueError(f"unknown timestep sampling {mode!r}")
+
+
+def per_example_loss(
+    model_output: torch.Tensor,
+    target: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """Weighted MSE per example, shape (B,): kept unreduced so callers can log or re-weight it."""
+    squared_error = (model_output.float() - target.float()).pow(2)
+    return squared_error.mean(dim=tuple(range(1, squared_error.ndim))) * weights.float()
