@@ -65,7 +65,7 @@ class TrainingConfig:
     train_batch_size: int = _arg(64, "Images per device per micro-batch.")
     gradient_accumulation_steps: int = _arg(1, "Micro-batches per optimizer step.")
     max_train_steps: Optional[int] = _arg(None, "Optimizer steps to run; overrides --num_epochs.")
-    num_epochs: Optional[int] = _arg(None, "Passes over the data, when --max_train_steps is not given.")
+    num_epochs: int = _arg(15, "Passes over the data, when --max_train_steps is not given.")
     learning_rate: float = _arg(2e-4, "Peak AdamW learning rate.")
     lr_scheduler: Literal[LR_SCHEDULERS] = _arg("constant_with_warmup", "diffusers.optimization.get_scheduler name.")
     lr_warmup_steps: int = _arg(200, "Linear warm-up steps.")
@@ -74,7 +74,9 @@ class TrainingConfig:
     adam_weight_decay: float = _arg(0.0, "AdamW decoupled weight decay.")
     adam_epsilon: float = _arg(1e-8, "AdamW epsilon.")
     max_grad_norm: float = _arg(1.0, "Clip the global gradient norm (after unscaling) to this; 0 turns clipping off.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = _arg("no", "Autocast precision (weights and optimizer stay fp32).")
+    mixed_precision: Optional[Literal["no", "fp16", "bf16"]] = _arg(
+        None, "Autocast precision (weights and optimizer stay fp32); default: what `accelerate launch` or its config file says, else no."
+    )
     allow_tf32: bool = _arg(True, "Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
     seed: int = _arg(0, "Seeds data order, noise, timesteps and sample grids; a resumed run repeats the uninterrupted one.")
 
@@ -103,7 +105,9 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ["max_train_steps", "num_epochs", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit"]:
+        if self.num_epochs < 1:
+            raise UserError(f"--num_epochs must be a positive integer, got {self.num_epochs}")
+        for name in ["max_train_steps", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be a positive integer when given, got {value}")
@@ -145,9 +149,12 @@ class TrainingConfig:
 def _check_literals(config: TrainingConfig) -> None:
     """Refuse values outside a Literal field's choices, whichever way the config was built."""
     for name, hint in typing.get_type_hints(TrainingConfig).items():
+        optional = typing.get_origin(hint) is typing.Union and type(None) in typing.get_args(hint)
+        if optional:
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
         if typing.get_origin(hint) is Literal:
             choices = typing.get_args(hint)
-            if getattr(config, name) not in choices:
+            if getattr(config, name) not in choices and not (optional and getattr(config, name) is None):
                 raise UserError(f"--{name} must be one of {', '.join(choices)}; got {getattr(config, name)!r}")
 
 
@@ -187,7 +194,9 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         parser.set_defaults(**load_config_file(argv[0]))
         argv = argv[1:]
-    (config,) = parser.parse_args_into_dataclasses(args=argv)
+    config, unknown = parser.parse_args_into_dataclasses(args=argv, return_remaining_strings=True)
+    if unknown:
+        raise UserError(f"unrecognized arguments: {' '.join(unknown)} (see --help)")
     return config
 
 

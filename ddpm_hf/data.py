@@ -62,6 +62,8 @@ def _call_datasets(description: str, load):
         raise
     except Exception as e:  # datasets raises many types (FileNotFoundError, DatasetNotFoundError, ValueError, ...)
         first_line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        if "corresponds to no data" in first_line:  # datasets' words for a split with no rows
+            raise UserError(f"the dataset is empty: {description} has no examples in the requested split") from None
         raise UserError(f"could not load {description}: {type(e).__name__}: {first_line}") from None
 
 

@@ -119,7 +119,6 @@ def prepare_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None
                 path = os.path.join(out, name)
                 shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
-        config.save(os.path.join(out, "training_config.json"))
     accelerator.wait_for_everyone()
 
 
@@ -128,7 +127,7 @@ def total_train_steps(config: TrainingConfig, data: InMemoryImages | StreamingIm
         return config.max_train_steps
     if data.num_examples is None:
         raise UserError("--streaming needs --max_train_steps: a stream's length is not known in advance")
-    return math.ceil((config.num_epochs or 1) * data.num_examples / images_per_step)
+    return math.ceil(config.num_epochs * data.num_examples / images_per_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -236,6 +235,8 @@ def train(config: TrainingConfig) -> dict:
         accelerator.print(f"resumed from {resume_path} at step {progress.step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint under {checkpoints.checkpoints_root(config.output_dir)} yet: starting from step 0")
+    if accelerator.is_main_process:  # only now: a refused resume must leave the run's files as they were
+        config.save(os.path.join(config.output_dir, "training_config.json"))
 
     sampling_unet = UNet2DModel.from_config(unet.config).to(device) if accelerator.is_main_process else None
     parameters = count_parameters(unet)
@@ -246,7 +247,7 @@ def train(config: TrainingConfig) -> dict:
         f"examples: {examples} | images per step: {images_per_step} ({config.train_batch_size} x {world_size} processes x "
         f"{config.gradient_accumulation_steps} accumulation) | steps: {progress.step} -> {max_steps} | "
         f"UNet '{config.model_preset}': {parameters / 1e6:.2f}M parameters at {data.resolution}x{data.resolution}x{data.channels} | "
-        f"device: {device} | precision: {config.mixed_precision}"
+        f"device: {device} | precision: {accelerator.mixed_precision}"
     )
 
     # --- train ---
@@ -343,6 +344,7 @@ def train(config: TrainingConfig) -> dict:
             "parameters": parameters,
             "device": str(device),
             "num_processes": world_size,
+            "mixed_precision": accelerator.mixed_precision,
             "config": config.to_dict(),
             "unet_config": dict(unet_values),
         }

@@ -1,0 +1,23 @@
+# Two commands cover a fresh machine:  `make quickstart` (set up, then train on the offline
+# digits) and `make test` (set up, then run the test suite). Both create ./.venv once.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: setup quickstart test clean
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	touch $@
+
+setup: $(VENV)/.installed
+
+quickstart: setup
+	$(PY) train_ddpm.py configs/mnist-5k-cpu.yaml
+
+test: setup
+	$(PY) -m pytest -q tests
+
+clean:
+	rm -rf $(VENV) ddpm-mnist-5k .pytest_cache

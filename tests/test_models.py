@@ -1,0 +1,41 @@
+"""UNet2DModel presets: sizes, shapes, resolution checks, user overrides."""
+
+import json
+
+import pytest
+import torch
+
+from ddpm_hf.config import TrainingConfig
+from ddpm_hf.errors import UserError
+from ddpm_hf.models import build_unet, count_parameters, unet_config
+
+
+def test_cifar10_preset_is_ho_et_al_35_7m():
+    unet = build_unet(unet_config(TrainingConfig(model_preset="cifar10"), channels=3, resolution=32))
+    assert count_parameters(unet) == pytest.approx(35.7e6, rel=0.01)
+    assert unet.config.block_out_channels == (128, 256, 256, 256) and unet.config.layers_per_block == 2
+    assert unet.config.down_block_types[1] == "AttnDownBlock2D"  # attention at 16x16
+    assert unet.config.dropout == 0.1
+
+
+@pytest.mark.parametrize("preset, low, high", [("tiny", 0.3e6, 2e6), ("mnist", 2e6, 10e6)])
+@pytest.mark.parametrize("resolution", [28, 32])
+def test_digit_presets_run_at_28_and_32(preset, low, high, resolution):
+    unet = build_unet(unet_config(TrainingConfig(model_preset=preset), channels=1, resolution=resolution))
+    assert low < count_parameters(unet) < high
+    x = torch.randn(2, 1, resolution, resolution)
+    assert unet(x, torch.tensor([0, 999])).sample.shape == x.shape
+
+
+def test_resolution_the_net_cannot_take_is_refused_with_a_fix():
+    with pytest.raises(UserError, match="multiple of 8; use --resolution 32 --resize_mode pad"):
+        unet_config(TrainingConfig(model_preset="cifar10"), channels=1, resolution=28)
+
+
+def test_a_json_model_config_overrides_the_preset(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"_class_name": "UNet2DModel", "block_out_channels": [16, 32, 32], "norm_num_groups": 8}))
+    values = unet_config(TrainingConfig(model_config_name_or_path=str(tmp_path)), channels=3, resolution=16)
+    unet = build_unet(values)
+    assert list(unet.config.block_out_channels) == [16, 32, 32] and unet.config.in_channels == 3
+    with pytest.raises(UserError, match="no config.json"):
+        unet_config(TrainingConfig(model_config_name_or_path=str(tmp_path / "missing")), channels=1, resolution=28)

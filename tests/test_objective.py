@@ -1,0 +1,163 @@
+"""The maths of ddpm_hf.objective against closed forms, golden values and diffusers' DDPMScheduler."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from ddpm_hf.config import TrainingConfig
+from ddpm_hf.models import build_noise_scheduler
+from ddpm_hf.objective import (
+    loss_weights,
+    per_example_loss,
+    predicted_x0,
+    q_sample,
+    sample_timesteps,
+    snr,
+    training_target,
+)
+
+PREDICTION_TYPES = ["epsilon", "sample", "v_prediction"]
+
+
+def linear_abar() -> torch.Tensor:
+    return build_noise_scheduler(TrainingConfig()).alphas_cumprod
+
+
+# ----- schedules -----
+def test_linear_schedule_golden_values():
+    scheduler = build_noise_scheduler(TrainingConfig())
+    assert scheduler.betas[0].item() == pytest.approx(1e-4, rel=1e-6)
+    assert scheduler.betas[-1].item() == pytest.approx(0.02, rel=1e-6)
+    abar = scheduler.alphas_cumprod.double()
+    # Ho et al.'s linear schedule: abar_T = prod(1 - beta_t) ~ 4.04e-5, so x_T is almost pure noise.
+    assert abar[-1].item() == pytest.approx(4.0358e-05, rel=1e-3)
+    assert abar[499].item() == pytest.approx(0.0785872, rel=1e-4)
+    expected = np.cumprod(1 - np.linspace(1e-4, 0.02, 1000))
+    np.testing.assert_allclose(abar.numpy(), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"])
+def test_every_schedule_is_a_valid_diffusion(schedule):
+    abar = build_noise_scheduler(TrainingConfig(ddpm_beta_schedule=schedule)).alphas_cumprod.double()
+    assert len(abar) == 1000
+    assert torch.all(abar[1:] < abar[:-1]), "abar_t must fall strictly with t"
+    assert 0.98 < abar[0] < 1 and abar[-1] < 0.01
+
+
+def test_cosine_schedule_matches_nichol_dhariwal_formula():
+    abar = build_noise_scheduler(TrainingConfig(ddpm_beta_schedule="squaredcos_cap_v2")).alphas_cumprod.double().numpy()
+    f = lambda t: math.cos((t / 1000 + 0.008) / 1.008 * math.pi / 2) ** 2  # noqa: E731
+    betas = np.minimum([1 - f(t + 1) / f(t) for t in range(1000)], 0.999)
+    np.testing.assert_allclose(abar, np.cumprod(1 - betas), rtol=1e-4)
+
+
+# ----- forward process -----
+def test_q_sample_has_the_closed_form_mean_and_variance():
+    abar = linear_abar()
+    torch.manual_seed(0)
+    for t in [0, 250, 999]:
+        x0 = torch.full((20000, 1, 1, 1), 0.7)
+        x_t = q_sample(x0, torch.randn_like(x0), torch.full((20000,), t), abar)
+        assert x_t.mean().item() == pytest.approx(math.sqrt(abar[t]) * 0.7, abs=0.02)
+        assert x_t.var().item() == pytest.approx(1 - abar[t].item(), abs=0.02)
+
+
+def test_q_sample_equals_diffusers_add_noise():
+    scheduler = DDPMScheduler()
+    x0, noise = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    t = torch.tensor([0, 1, 10, 500, 998, 999])
+    torch.testing.assert_close(q_sample(x0, noise, t, scheduler.alphas_cumprod), scheduler.add_noise(x0, noise, t))
+
+
+# ----- targets -----
+def test_v_target_equals_diffusers_get_velocity():
+    scheduler = DDPMScheduler()
+    x0, noise = torch.randn(5, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    t = torch.tensor([0, 100, 400, 700, 999])
+    torch.testing.assert_close(training_target(x0, noise, t, scheduler.alphas_cumprod, "v_prediction"), scheduler.get_velocity(x0, noise, t))
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_a_perfect_prediction_gives_back_x0_in_ddpm_step(prediction_type):
+    """The target we regress onto is read by DDPMScheduler.step as the true x0."""
+    scheduler = DDPMScheduler(prediction_type=prediction_type, clip_sample=False)
+    x0, noise = torch.rand(2, 3, 8, 8) * 2 - 1, torch.randn(2, 3, 8, 8)
+    for t in [1, 50, 500, 999]:
+        timesteps = torch.full((2,), t)
+        x_t = q_sample(x0, noise, timesteps, scheduler.alphas_cumprod)
+        target = training_target(x0, noise, timesteps, scheduler.alphas_cumprod, prediction_type)
+        recovered = scheduler.step(target, t, x_t).pred_original_sample
+        torch.testing.assert_close(recovered, x0, atol=2e-3 if t == 999 else 1e-4, rtol=0)
+        torch.testing.assert_close(predicted_x0(x_t, target, timesteps, scheduler.alphas_cumprod, prediction_type), x0, atol=2e-3 if t == 999 else 1e-4, rtol=0)
+
+
+# ----- loss weights -----
+def test_simple_weighting_is_one():
+    t = torch.arange(0, 1000, 111)
+    for prediction_type in PREDICTION_TYPES:
+        assert torch.all(loss_weights(t, linear_abar(), prediction_type, "simple") == 1)
+
+
+def test_min_snr_weights_follow_hang_et_al():
+    abar = linear_abar().double()
+    t = torch.arange(0, 1000, 37)
+    ratio = abar[t] / (1 - abar[t])
+    gamma = 5.0
+    clamped = torch.minimum(ratio, torch.tensor(gamma, dtype=torch.float64))
+    torch.testing.assert_close(loss_weights(t, abar, "epsilon", "min_snr", gamma), clamped / ratio)
+    torch.testing.assert_close(loss_weights(t, abar, "v_prediction", "min_snr", gamma), clamped / (ratio + 1))
+    torch.testing.assert_close(loss_weights(t, abar, "sample", "min_snr", gamma), clamped)
+    # High-noise steps keep full weight for eps; low-noise steps are capped.
+    assert loss_weights(torch.tensor([999]), abar, "epsilon", "min_snr")[0] == 1
+    assert loss_weights(torch.tensor([0]), abar, "epsilon", "min_snr")[0] < 0.01
+
+
+@pytest.mark.parametrize("weighting", ["simple", "snr", "min_snr"])
+def test_weighted_losses_agree_across_parametrisations(weighting):
+    """snr and min_snr are one x0-space weight w(t): the weighted eps, v and x0 losses are equal
+    for the same implied x0 prediction. (simple is per-target by design, so only checked for eps.)"""
+    abar = linear_abar().double()
+    t = torch.tensor([3, 90, 300, 600, 950])
+    x0, noise = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.randn(5, 1, 4, 4, dtype=torch.float64)
+    x_t = q_sample(x0, noise, t, abar)
+    x0_hat = x0 + 0.1 * torch.randn_like(x0)
+    a = abar[t].reshape(-1, 1, 1, 1)
+    eps_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+    outputs = {"sample": x0_hat, "epsilon": eps_hat, "v_prediction": a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat}
+    losses = {
+        p: per_example_loss(outputs[p], training_target(x0, noise, t, abar, p), loss_weights(t, abar, p, weighting)).double()
+        for p in PREDICTION_TYPES
+    }
+    if weighting == "simple":
+        x0_error = (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
+        torch.testing.assert_close(losses["epsilon"], snr(t, abar) * x0_error, rtol=1e-4, atol=0)
+    else:
+        torch.testing.assert_close(losses["epsilon"], losses["sample"], rtol=1e-4, atol=0)
+        torch.testing.assert_close(losses["v_prediction"], losses["sample"], rtol=1e-4, atol=0)
+
+
+def test_per_example_loss_stays_unreduced():
+    prediction, target = torch.zeros(3, 1, 2, 2), torch.stack([torch.full((1, 2, 2), v) for v in (0.0, 1.0, 2.0)])
+    losses = per_example_loss(prediction, target, torch.tensor([1.0, 1.0, 0.5]))
+    assert losses.shape == (3,)
+    torch.testing.assert_close(losses, torch.tensor([0.0, 1.0, 2.0]))
+
+
+# ----- timestep samplers -----
+def test_uniform_timesteps_cover_the_range():
+    t = sample_timesteps(100_000, 1000, "uniform", torch.Generator().manual_seed(0))
+    assert t.min() == 0 and t.max() == 999
+    assert t.float().mean().item() == pytest.approx(499.5, abs=3)
+
+
+def test_stratified_timesteps_draw_one_per_slice():
+    for seed in range(5):
+        t = sample_timesteps(10, 1000, "stratified", torch.Generator().manual_seed(seed))
+        assert sorted((t // 100).tolist()) == list(range(10))
+    batch_means = [sample_timesteps(16, 1000, "stratified", torch.Generator().manual_seed(s)).float().mean() for s in range(200)]
+    uniform_means = [sample_timesteps(16, 1000, "uniform", torch.Generator().manual_seed(s)).float().mean() for s in range(200)]
+    assert torch.stack(batch_means).std() < 0.2 * torch.stack(uniform_means).std()
+    assert torch.stack(batch_means).mean().item() == pytest.approx(499.5, abs=5)

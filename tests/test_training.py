@@ -1,0 +1,144 @@
+"""The training loop end to end: learning, outputs, the saved pipeline, resume, several processes."""
+
+import json
+import socket
+import subprocess
+import sys
+
+import PIL.Image
+import pytest
+import torch
+from diffusers import DDPMPipeline
+from safetensors.torch import load_file
+
+from ddpm_hf.config import TrainingConfig, parse_config
+from ddpm_hf.data import load_training_data, to_model_input
+from ddpm_hf.models import build_noise_scheduler, build_unet, unet_config
+from ddpm_hf.training import diffusion_losses, train
+
+from .conftest import FAST, REPO, cli_env, run_train
+
+
+def _weights(path):
+    return load_file(str(path))
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float):
+    assert a.keys() == b.keys()
+    worst = max((a[k].float() - b[k].float()).abs().max().item() for k in a)
+    assert worst <= atol, f"weights differ by up to {worst}"
+
+
+def test_a_tiny_unet_learns_a_fixed_batch():
+    config = TrainingConfig()
+    torch.manual_seed(0)
+    data = load_training_data(TrainingConfig(max_train_samples=16, train_batch_size=16), torch.device("cpu"))
+    x0 = to_model_input(data.images)
+    model = build_unet(unet_config(config, channels=1, resolution=28))
+    abar = build_noise_scheduler(config).alphas_cumprod
+    noise, timesteps = torch.randn_like(x0), torch.randint(0, 1000, (16,))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
+    losses = []
+    for _ in range(40):
+        loss = diffusion_losses(model, x0, noise, timesteps, abar, config).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One short run through the real command line, with every output switched on."""
+    out = tmp_path_factory.mktemp("run") / "out"
+    args = [*FAST, "--output_dir", str(out), "--save_images_steps", "2", "--checkpointing_steps", "2", "--report_to", "tensorboard"]
+    result = run_train(args)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result
+
+
+def test_a_short_run_writes_every_output(finished_run):
+    out, result = finished_run
+    assert "images per step: 8" in result.stdout
+    for name in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
+                 "training_config.json", "metrics.jsonl", "loss_curve.png", "train_stats.json",
+                 "samples/step_0000002.png", "samples/step_0000004.png"]:
+        assert (out / name).is_file(), name
+    assert json.loads((out / "training_config.json").read_text()) == parse_config([*FAST, "--output_dir", str(out), "--save_images_steps", "2", "--checkpointing_steps", "2", "--report_to", "tensorboard"]).to_dict()
+
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4] and [r["images_seen"] for r in rows] == [16, 32]
+    assert set(rows[0]) == {"step", "images_seen", "loss", "grad_norm", "lr", "images_per_s", "elapsed_s"}
+    assert all(0 < r["loss"] < 10 and r["images_per_s"] > 0 for r in rows)
+
+    stats = json.loads((out / "train_stats.json").read_text())
+    assert stats["steps"] == 4 and stats["images_seen"] == 32 and stats["peak_memory_bytes"] > 10_000_000
+    assert stats["final_loss_smoothed"] > 0 and stats["images_per_s"] > 0 and stats["wall_time_s"] > 0
+    assert stats["parameters"] == sum(v.numel() for v in _weights(out / "unet/diffusion_pytorch_model.safetensors").values())
+
+    grid = PIL.Image.open(out / "samples/step_0000004.png")
+    assert grid.mode == "L" and grid.size == (2 + 2 * 30, 2 + 2 * 30)  # 4 images of 28 px in a 2x2 grid with gutters
+    assert PIL.Image.open(out / "loss_curve.png").size[0] > 400
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
+    assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "run_info.json"} <= {p.name for p in (out / "checkpoints/checkpoint-4").iterdir()}
+    assert list((out / "logs").rglob("events.out.tfevents.*")), "no TensorBoard event file"
+
+
+def test_the_saved_pipeline_loads_samples_and_holds_the_ema_weights(finished_run):
+    out, _ = finished_run
+    pipeline = DDPMPipeline.from_pretrained(str(out))
+    pipeline.set_progress_bar_config(disable=True)
+    images = pipeline(batch_size=4, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (4, 28, 28, 1) and (0 <= images).all() and (images <= 1).all()
+
+    ema_state = torch.load(out / "checkpoints/checkpoint-4/custom_checkpoint_0.pkl", weights_only=False)
+    assert ema_state["optimization_step"] == 4
+    saved = [p.detach() for p in pipeline.unet.parameters()]
+    assert all(torch.equal(s, e) for s, e in zip(saved, ema_state["shadow_params"])), "pipeline weights are not the EMA weights"
+    live = _weights(out / "checkpoints/checkpoint-4/model.safetensors")
+    assert any(not torch.equal(live[k], v) for k, v in pipeline.unet.state_dict().items()), "EMA equals the live weights"
+
+
+def _config(out, **overrides) -> TrainingConfig:
+    values = dict(output_dir=str(out), train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1, save_images_steps=0,
+                  report_to="none", timestep_sampling="stratified", max_train_steps=6, checkpointing_steps=0, lr_warmup_steps=2)
+    values.update(overrides)
+    return TrainingConfig(**values)
+
+
+def test_resume_repeats_the_uninterrupted_run(tmp_path):
+    train(_config(tmp_path / "straight"))
+    train(_config(tmp_path / "split", max_train_steps=3, checkpointing_steps=3))
+    train(_config(tmp_path / "split", checkpointing_steps=3, resume_from_checkpoint="latest"))
+    for name in ["checkpoints/checkpoint-6/model.safetensors", "unet/diffusion_pytorch_model.safetensors"]:
+        _assert_same_weights(_weights(tmp_path / "straight" / name), _weights(tmp_path / "split" / name), atol=1e-6)
+    straight = [json.loads(x)["loss"] for x in (tmp_path / "straight/metrics.jsonl").read_text().splitlines()]
+    split = [json.loads(x)["loss"] for x in (tmp_path / "split/metrics.jsonl").read_text().splitlines()]
+    assert split == pytest.approx(straight, rel=1e-5) and len(split) == 6
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    common = [*FAST, "--max_train_steps", "4", "--checkpointing_steps", "4"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+              "train_ddpm.py", *common, "--train_batch_size", "4", "--output_dir", str(tmp_path / "two")]
+    result = subprocess.run(launch, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "4 x 2 processes" in result.stdout
+    one = run_train([*common, "--train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    two = tmp_path / "two"
+    assert (two / "checkpoints/checkpoint-4/random_states_1.pkl").is_file()  # both processes' RNG states
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 2  # one set of outputs, not one per process
+    assert json.loads((two / "train_stats.json").read_text())["num_processes"] == 2
+    # Data, noise and timesteps are drawn for the global batch, so only float reduction order differs.
+    _assert_same_weights(_weights(two / "checkpoints/checkpoint-4/model.safetensors"), _weights(tmp_path / "one/checkpoints/checkpoint-4/model.safetensors"), atol=1e-5)
+    _assert_same_weights(_weights(two / "unet/diffusion_pytorch_model.safetensors"), _weights(tmp_path / "one/unet/diffusion_pytorch_model.safetensors"), atol=1e-5)
