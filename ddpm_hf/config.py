@@ -4,6 +4,7 @@ saved beside every output and inside every checkpoint."""
 import dataclasses
 import json
 import os
+import sys
 import typing
 from dataclasses import dataclass, field
 from typing import Literal, Optional
@@ -190,7 +191,7 @@ def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     override its values (``train_ddpm.py configs/cifar10.yaml --max_train_steps 100``).
     """
     parser = _OneLineErrorParser(TrainingConfig, description="Train a DDPM with diffusers, accelerate and datasets.")
-    argv = list(argv) if argv is not None else None
+    argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         parser.set_defaults(**load_config_file(argv[0]))
         argv = argv[1:]

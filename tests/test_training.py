@@ -50,22 +50,25 @@ def test_a_tiny_unet_learns_a_fixed_batch():
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
-    """One short run through the real command line, with every output switched on."""
+    """One short run through the real command line (a YAML file plus flags), with every output switched on."""
     out = tmp_path_factory.mktemp("run") / "out"
-    args = [*FAST, "--output_dir", str(out), "--save_images_steps", "2", "--checkpointing_steps", "2", "--report_to", "tensorboard"]
+    (out.parent / "run.yaml").write_text("timestep_sampling: stratified\nlr_warmup_steps: 3\n")
+    args = [str(out.parent / "run.yaml"), *FAST, "--output_dir", str(out), "--save_images_steps", "2", "--checkpointing_steps", "2", "--report_to", "tensorboard"]
     result = run_train(args)
     assert result.returncode == 0, result.stderr[-3000:]
-    return out, result
+    return out, result, args
 
 
 def test_a_short_run_writes_every_output(finished_run):
-    out, result = finished_run
+    out, result, args = finished_run
     assert "images per step: 8" in result.stdout
     for name in ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json",
                  "training_config.json", "metrics.jsonl", "loss_curve.png", "train_stats.json",
                  "samples/step_0000002.png", "samples/step_0000004.png"]:
         assert (out / name).is_file(), name
-    assert json.loads((out / "training_config.json").read_text()) == parse_config([*FAST, "--output_dir", str(out), "--save_images_steps", "2", "--checkpointing_steps", "2", "--report_to", "tensorboard"]).to_dict()
+    saved_config = json.loads((out / "training_config.json").read_text())
+    assert saved_config == parse_config(args).to_dict()
+    assert saved_config["timestep_sampling"] == "stratified" and saved_config["lr_warmup_steps"] == 3  # from the YAML file
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and [r["images_seen"] for r in rows] == [16, 32]
@@ -86,7 +89,7 @@ def test_a_short_run_writes_every_output(finished_run):
 
 
 def test_the_saved_pipeline_loads_samples_and_holds_the_ema_weights(finished_run):
-    out, _ = finished_run
+    out = finished_run[0]
     pipeline = DDPMPipeline.from_pretrained(str(out))
     pipeline.set_progress_bar_config(disable=True)
     images = pipeline(batch_size=4, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np").images
