@@ -154,6 +154,73 @@ def diffusion_losses(model, x0: torch.Tensor, noise: torch.Tensor, timesteps: to
     return per_example_loss(prediction, target, weights)
 
 
+def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config: TrainingConfig, step: int, random_flip: bool) -> tuple:
+    """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the EMA update.
+
+    Returns the mean loss and the gradient norm as device tensors (reading them would synchronise).
+    """
+    rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
+    accumulation = config.gradient_accumulation_steps
+    step_loss = torch.zeros((), device=device)
+    for micro in range(accumulation):
+        images, _labels = data.next_batch(step, micro, accumulation)
+        noise, timesteps, flips = draw_noise(config, step, micro, tuple(images.shape), rank, world_size, device)
+        x0 = to_model_input(images)
+        if random_flip:
+            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+        torch.manual_seed(derive_seed(config.seed, step, micro, rank, 1))  # dropout masks, replayable
+        # Gradients are all-reduced once per optimizer step: on the last micro-batch only.
+        with contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model):
+            loss = diffusion_losses(model, x0, noise, timesteps, alphas_cumprod, config).mean() / accumulation
+            accelerator.backward(loss)
+        step_loss += loss.detach()
+    # clip_grad_norm_ unscales fp16 gradients first; with clipping off it still measures the norm.
+    grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
+    optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    if ema is not None and not accelerator.optimizer_step_was_skipped:
+        ema.step(unet.parameters())
+    return step_loss, grad_norm.detach().float()
+
+
+class LoggingInterval:
+    """Sums over the steps since the last log line, kept on the device so that no step waits for
+    the host, and the time those steps took, excluding maintenance (grids, checkpoints)."""
+
+    def __init__(self, device: torch.device):
+        self.loss_sum = torch.zeros((), device=device)
+        self.grad_norm_sum = torch.zeros((), device=device)
+        self._restart()
+
+    def _restart(self) -> None:
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
+        self.steps, self.started, self.paused_seconds = 0, time.perf_counter(), 0.0
+
+    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
+        self.loss_sum += loss
+        self.grad_norm_sum += grad_norm
+        self.steps += 1
+
+    @contextlib.contextmanager
+    def paused(self):
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused_seconds += time.perf_counter() - started
+
+    def close(self, accelerator: Accelerator) -> tuple[float, float, int, float]:
+        """(loss averaged over steps and processes, mean grad norm, steps, seconds); starts the next interval."""
+        seconds = max(time.perf_counter() - self.started - self.paused_seconds, 1e-9)
+        mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / self.steps
+        mean_grad_norm = self.grad_norm_sum.item() / self.steps
+        steps = self.steps
+        self._restart()
+        return mean_loss, mean_grad_norm, steps, seconds
+
+
 # ----------------------------------------------------------------------------------------------
 # Maintenance: sample grids and the final pipeline
 # ----------------------------------------------------------------------------------------------
@@ -252,75 +319,46 @@ def train(config: TrainingConfig) -> dict:
 
     # --- train ---
     progress_bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=device)  # device-side sums: no host sync except at logging steps
-    grad_norm_sum = torch.zeros((), device=device)
-    steps_in_interval, interval_started, maintenance_seconds = 0, time.perf_counter(), 0.0
+    interval = LoggingInterval(device)
     images_this_run, seconds_this_run = 0, 0.0
     model.train()
     while progress.step < max_steps:
-        step = progress.step
-        for micro in range(config.gradient_accumulation_steps):
-            images, _labels = data.next_batch(step, micro, config.gradient_accumulation_steps)
-            noise, timesteps, flips = draw_noise(config, step, micro, tuple(images.shape), rank, world_size, device)
-            x0 = to_model_input(images)
-            if random_flip:
-                x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
-            torch.manual_seed(derive_seed(config.seed, step, micro, rank, 1))  # dropout masks, replayable
-            # Gradients are all-reduced once per optimizer step: on the last micro-batch only.
-            last_micro = micro == config.gradient_accumulation_steps - 1
-            with contextlib.nullcontext() if last_micro else accelerator.no_sync(model):
-                losses = diffusion_losses(model, x0, noise, timesteps, alphas_cumprod, config)
-                loss = losses.mean() / config.gradient_accumulation_steps
-                accelerator.backward(loss)
-            loss_sum += loss.detach()
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-        optimizer.step()
-        lr_scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if ema is not None and not accelerator.optimizer_step_was_skipped:
-            ema.step(unet.parameters())
-        grad_norm_sum += grad_norm.detach().float()
+        loss, grad_norm = optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config, progress.step, random_flip)
+        interval.add(loss, grad_norm)
         progress.step += 1
         progress.images_seen += images_per_step
-        steps_in_interval += 1
         progress_bar.update(1)
 
         # --- maintenance: logging, sample grids, checkpoints ---
         done = progress.step == max_steps
         if progress.step % config.logging_steps == 0 or done:
-            now = time.perf_counter()
-            interval_seconds = max(now - interval_started - maintenance_seconds, 1e-9)
-            mean_loss = accelerator.reduce(loss_sum, reduction="mean").item() / steps_in_interval
+            mean_loss, mean_grad_norm, steps, seconds = interval.close(accelerator)
+            progress.train_seconds += seconds
+            images_this_run += steps * images_per_step
+            seconds_this_run += seconds
             row = {
                 "step": progress.step,
                 "images_seen": progress.images_seen,
                 "loss": mean_loss,
-                "grad_norm": grad_norm_sum.item() / steps_in_interval,
+                "grad_norm": mean_grad_norm,
                 "lr": lr_scheduler.get_last_lr()[0],
-                "images_per_s": steps_in_interval * images_per_step / interval_seconds,
-                "elapsed_s": progress.train_seconds + interval_seconds,
+                "images_per_s": steps * images_per_step / seconds,
+                "elapsed_s": progress.train_seconds,
             }
-            progress.train_seconds += interval_seconds
-            images_this_run += steps_in_interval * images_per_step
-            seconds_this_run += interval_seconds
             if accelerator.is_main_process:
                 metrics.append(row)
                 if config.report_to != "none":
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=progress.step)
-            progress_bar.set_postfix(loss=f"{mean_loss:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
-            loss_sum.zero_()
-            grad_norm_sum.zero_()
-            steps_in_interval, interval_started, maintenance_seconds = 0, time.perf_counter(), 0.0
+            progress_bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
 
-        maintenance_started = time.perf_counter()
-        if accelerator.is_main_process and ((config.save_images_steps and progress.step % config.save_images_steps == 0) or done):
-            write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step)
-        if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done:
-            progress.data_state = data.state_dict()
-            path = checkpoints.save_checkpoint(accelerator, config.output_dir, progress.step, run_info, config.checkpoints_total_limit)
-            if accelerator.is_local_main_process:
-                progress_bar.write(f"saved checkpoint {path}")
-        maintenance_seconds += time.perf_counter() - maintenance_started
+        with interval.paused():
+            if accelerator.is_main_process and ((config.save_images_steps and progress.step % config.save_images_steps == 0) or done):
+                write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step)
+            if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done:
+                progress.data_state = data.state_dict()
+                path = checkpoints.save_checkpoint(accelerator, config.output_dir, progress.step, run_info, config.checkpoints_total_limit)
+                if accelerator.is_local_main_process:
+                    progress_bar.write(f"saved checkpoint {path}")
     progress_bar.close()
 
     # --- finish: the pipeline, the curve, the statistics ---

@@ -145,3 +145,47 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     # Data, noise and timesteps are drawn for the global batch, so only float reduction order differs.
     _assert_same_weights(_weights(two / "checkpoints/checkpoint-4/model.safetensors"), _weights(tmp_path / "one/checkpoints/checkpoint-4/model.safetensors"), atol=1e-5)
     _assert_same_weights(_weights(two / "unet/diffusion_pytorch_model.safetensors"), _weights(tmp_path / "one/unet/diffusion_pytorch_model.safetensors"), atol=1e-5)
+
+
+CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+@pytest.fixture
+def cifar10_shaped_folder(tmp_path):
+    """A local copy of uoft-cs/cifar10's layout: plain_text/{train,test}-*.parquet with `img` and `label`."""
+    import datasets
+    import numpy as np
+
+    features = datasets.Features({"img": datasets.Image(), "label": datasets.ClassLabel(names=CIFAR10_CLASSES)})
+    rng = np.random.default_rng(0)
+    for split, count in [("train", 16), ("test", 4)]:
+        images = [PIL.Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)) for _ in range(count)]
+        ds = datasets.Dataset.from_dict({"img": images, "label": [i % 10 for i in range(count)]}, features=features)
+        (tmp_path / "cifar10" / "plain_text").mkdir(parents=True, exist_ok=True)
+        ds.to_parquet(tmp_path / "cifar10" / "plain_text" / f"{split}-00000-of-00001.parquet")
+    return tmp_path / "cifar10"
+
+
+def test_rgb_cifar10_layout_trains_in_bf16_and_saves_an_rgb_pipeline(tmp_path, cifar10_shaped_folder):
+    out = tmp_path / "out"
+    result = run_train([*FAST, "--dataset_name", str(cifar10_shaped_folder), "--mixed_precision", "bf16", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "examples: 16 " in result.stdout and "32x32x3" in result.stdout and "precision: bf16" in result.stdout
+    config = json.loads((out / "train_stats.json").read_text())
+    assert config["mixed_precision"] == "bf16" and config["config"]["random_flip"] is None  # None = on for RGB
+    pipeline = DDPMPipeline.from_pretrained(str(out))
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline(batch_size=2, num_inference_steps=3, output_type="np").images.shape == (2, 32, 32, 3)
+
+
+def test_streaming_trains_and_records_its_position(tmp_path):
+    stats = train(_config(tmp_path / "s", streaming=True, max_train_samples=24, dataloader_num_workers=0, max_train_steps=4,
+                          gradient_accumulation_steps=1, checkpointing_steps=4, shuffle_buffer_size=8))
+    assert stats["images_seen"] == 16
+    progress = torch.load(tmp_path / "s/checkpoints/checkpoint-4/custom_checkpoint_2.pkl", weights_only=False)
+    assert progress["step"] == 4 and progress["data_state"] == {"epoch": 0, "consumed": 16}
+
+
+def test_checkpoint_rotation_keeps_the_newest(tmp_path):
+    train(_config(tmp_path / "r", max_train_steps=4, gradient_accumulation_steps=1, checkpointing_steps=1, checkpoints_total_limit=2))
+    assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
