@@ -35,8 +35,15 @@ class MetricsLog:
             return [json.loads(line) for line in f if line.strip()]
 
 
-def smooth(values: list[float], weight: float = 0.9) -> list[float]:
-    """Exponential moving average with bias correction (TensorBoard's smoothing at ``weight``)."""
+def smooth(values: list[float], weight: float | None = None) -> list[float]:
+    """Exponential moving average with bias correction (TensorBoard's smoothing).
+
+    By default the window is about a tenth of the series (weight 1 - 10/n, at most 0.99): a fixed
+    0.9 over a short run's few logging points drags the curve, and the "final" value, far back
+    towards the early losses.
+    """
+    if weight is None:
+        weight = min(0.99, max(0.0, 1 - 10 / max(len(values), 1)))
     smoothed, average = [], 0.0
     for i, value in enumerate(values, start=1):
         average = weight * average + (1 - weight) * value

@@ -161,3 +161,12 @@ def test_stratified_timesteps_draw_one_per_slice():
     uniform_means = [sample_timesteps(16, 1000, "uniform", torch.Generator().manual_seed(s)).float().mean() for s in range(200)]
     assert torch.stack(batch_means).std() < 0.2 * torch.stack(uniform_means).std()
     assert torch.stack(batch_means).mean().item() == pytest.approx(499.5, abs=5)
+
+
+def test_smoothing_follows_the_end_of_a_short_run():
+    from ddpm_hf.metrics import smooth
+
+    values = [1.0] * 5 + [0.1] * 20  # a fast early drop, then flat
+    assert smooth(values)[-1] == pytest.approx(0.1, abs=0.01)
+    assert smooth([2.0, 4.0], weight=0.5) == pytest.approx([2.0, (0.5 * 1.0 + 0.5 * 4.0) / 0.75])  # bias-corrected
+    assert smooth([3.0] * 500)[-1] == pytest.approx(3.0)
