@@ -48,6 +48,8 @@ def check_dataset_on_hub(repo_id: str, timeout: float = 5.0) -> None:
                 "check the id, log in with `hf auth login` if it is private, or pass a local folder"
             ) from None
         raise UserError(f"the Hub answered {e.code} for dataset '{repo_id}'; try again later, or {OFFLINE_HINT}") from None
+    except json.JSONDecodeError:
+        raise UserError(f"{hub_endpoint()} did not answer like the Hugging Face Hub (no JSON for dataset '{repo_id}'); check HF_ENDPOINT, or {OFFLINE_HINT}") from None
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(f"cannot reach the Hugging Face Hub at {hub_endpoint()} ({reason}); {OFFLINE_HINT}") from None

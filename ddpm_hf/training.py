@@ -117,7 +117,10 @@ def prepare_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None
         if holds_run and config.overwrite_output_dir and config.resume_from_checkpoint is None:
             for name in RUN_OUTPUTS:
                 path = os.path.join(out, name)
-                shutil.rmtree(path) if os.path.isdir(path) else (os.path.exists(path) and os.remove(path))
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                elif os.path.exists(path):
+                    os.remove(path)
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     accelerator.wait_for_everyone()
 

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import http.server
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -54,3 +56,30 @@ def rgb_image_folder(tmp_path) -> Path:
             pixels = rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8)
             PIL.Image.fromarray(pixels).save(tmp_path / "images" / label / f"{i}.png")
     return tmp_path / "images"
+
+
+@pytest.fixture
+def loopback_hub():
+    """Start HTTP servers on 127.0.0.1 that answer every GET with (status, body); yields a starter
+    returning the server's URL, to point HF_ENDPOINT at. Stopped after the test."""
+    servers = []
+
+    def start(status: int, body: bytes) -> str:
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}"
+
+    yield start
+    for server in servers:
+        server.shutdown()

@@ -1,9 +1,7 @@
 """Bad input: one line on stderr saying what was wrong and what to do, exit status 2, no
 traceback, and nothing already on disk lost. Each case runs the real command line."""
 
-import http.server
 import socket
-import threading
 import time
 
 import datasets
@@ -30,24 +28,9 @@ def closed_port() -> int:
 
 
 @pytest.fixture
-def hub_that_knows_nothing():
+def hub_that_knows_nothing(loopback_hub):
     """A loopback stand-in for the Hub that answers 404 to every request, as it does for unknown ids."""
-
-    class NotFound(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            self.send_response(404)
-            self.send_header("Content-Type", "application/json")
-            self.end_headers()
-            self.wfile.write(b'{"error": "Repository not found"}')
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    return loopback_hub(404, b'{"error": "Repository not found"}')
 
 
 def test_unknown_dataset_name(tmp_path):
