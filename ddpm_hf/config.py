@@ -102,12 +102,10 @@ class TrainingConfig:
 
     def __post_init__(self):
         _check_literals(self)
-        positive = ["train_batch_size", "gradient_accumulation_steps", "ddpm_num_steps", "eval_batch_size", "logging_steps"]
+        positive = ["train_batch_size", "gradient_accumulation_steps", "num_epochs", "ddpm_num_steps", "eval_batch_size", "logging_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        if self.num_epochs < 1:
-            raise UserError(f"--num_epochs must be a positive integer, got {self.num_epochs}")
         for name in ["max_train_steps", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit"]:
             value = getattr(self, name)
             if value is not None and value < 1:
