@@ -28,6 +28,7 @@ _NAME = re.compile(r"^checkpoint-(\d+)$")
 # resume that changes any of them would load weights or state into something they don't fit.
 ARCHITECTURE_FIELDS = (
     "model_preset",
+    "class_conditional",
     "ddpm_num_steps",
     "ddpm_beta_schedule",
     "prediction_type",

@@ -47,12 +47,28 @@ class TrainingConfig:
     )
     random_flip: Optional[bool] = _arg(None, "Random horizontal flips; default: on for RGB data, off for grayscale (digits are not symmetric).")
     dataloader_num_workers: int = _arg(2, "DataLoader workers for --streaming.")
+    validation_split: Optional[str] = _arg(
+        None,
+        "Held-out data for a validation loss: a fraction such as 0.1 (taken out of the training split, chosen by --seed) "
+        "or the name of the dataset's own split, such as test. Default: no validation.",
+    )
+    max_validation_samples: Optional[int] = _arg(1000, "Use at most this many validation examples (the loss is exact for them; more only costs time).")
+    validation_steps: int = _arg(500, "Compute the validation loss every N steps (and at the end) when --validation_split is given.")
+    early_stopping_patience: Optional[int] = _arg(
+        None, "Stop after this many validations in a row without improvement (the MNIST recipe uses 4); default: never stop early."
+    )
+    early_stopping_min_delta: float = _arg(0.0, "An improvement must lower the best validation loss by more than this (the MNIST recipe uses 1e-4).")
 
     # ----- model -----
     model_preset: Literal["tiny", "mnist", "cifar10"] = _arg(
         "tiny", "UNet2DModel preset: tiny (CPU, ~1M params), mnist (digits, a few M), cifar10 (Ho et al. 2020, 35.7M)."
     )
     model_config_name_or_path: Optional[str] = _arg(None, "A UNet2DModel config.json (or a folder holding one) whose keys override the preset.")
+    class_conditional: bool = _arg(False, "Condition the UNet on the label column (a class embedding; one extra 'null' class for guidance).")
+    cond_drop_prob: float = _arg(
+        0.1, "With --class_conditional: replace the label by the null class with this probability, so the same network also "
+        "learns the unconditional prediction that classifier-free guidance needs (Ho and Salimans 2022)."
+    )
 
     # ----- diffusion objective -----
     ddpm_num_steps: int = _arg(1000, "Number of diffusion steps T.")
@@ -60,7 +76,11 @@ class TrainingConfig:
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = _arg("epsilon", "Regression target: eps, x0 or v.")
     loss_weighting: Literal["simple", "snr", "min_snr"] = _arg("simple", "Per-timestep loss weight (see README).")
     snr_gamma: float = _arg(5.0, "gamma of min-SNR weighting.")
-    timestep_sampling: Literal["uniform", "stratified"] = _arg("uniform", "t ~ U{0..T-1} per example, or one t per equal slice of [0, T).")
+    timestep_sampling: Literal["uniform", "stratified", "loss_aware"] = _arg(
+        "uniform",
+        "uniform: t ~ U{0..T-1} per example. stratified: one t per equal slice of [0, T). loss_aware: t drawn in proportion "
+        "to the root mean square of its last 10 losses, importance-weighted so the objective is unchanged (Nichol and Dhariwal 2021).",
+    )
 
     # ----- optimisation -----
     train_batch_size: int = _arg(64, "Images per device per micro-batch.")
@@ -96,6 +116,9 @@ class TrainingConfig:
     eval_batch_size: int = _arg(16, "Images in each sample grid.")
     sampler: Literal["ddpm", "ddim"] = _arg("ddim", "Sampler for the grids: ddpm (ancestral) or ddim (deterministic, eta=0).")
     num_inference_steps: Optional[int] = _arg(None, "Sampling steps for the grids; default: T for ddpm, 50 for ddim.")
+    guidance_scale: float = _arg(
+        2.0, "Classifier-free guidance scale for the grids of a --class_conditional run: eps_uncond + s (eps_cond - eps_uncond); 1 = purely conditional."
+    )
     checkpointing_steps: int = _arg(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
     checkpoints_total_limit: Optional[int] = _arg(3, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: Optional[str] = _arg(None, "'latest' or a checkpoint folder: continue that run exactly.")
@@ -106,11 +129,12 @@ class TrainingConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
-        for name in ["max_train_steps", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit"]:
+        for name in ["max_train_steps", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit",
+                     "max_validation_samples", "early_stopping_patience"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be a positive integer when given, got {value}")
-        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed"]:
+        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed", "validation_steps"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.learning_rate <= 1:
@@ -118,7 +142,7 @@ class TrainingConfig:
         for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ["adam_weight_decay", "max_grad_norm"]:
+        for name in ["adam_weight_decay", "max_grad_norm", "early_stopping_min_delta", "guidance_scale"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         for name in ["snr_gamma", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
@@ -126,8 +150,25 @@ class TrainingConfig:
                 raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
         if self.resolution is not None and self.resolution < 8:
             raise UserError(f"--resolution must be at least 8 pixels, got {self.resolution}")
+        if not 0 <= self.cond_drop_prob < 1:
+            raise UserError(f"--cond_drop_prob must be in [0, 1), got {self.cond_drop_prob}")
+        if self.validation_split is not None:
+            self.validation_split = str(self.validation_split)  # YAML reads 0.1 as a float
+            fraction = self.validation_fraction
+            if fraction is not None and not 0 < fraction < 1:
+                raise UserError(f"--validation_split as a fraction must be in (0, 1), got {self.validation_split}; or name a split such as test")
+        if self.early_stopping_patience is not None and self.validation_split is None:
+            raise UserError("--early_stopping_patience needs a validation loss: add --validation_split (a fraction such as 0.1, or a split name)")
         if self.num_inference_steps is not None and self.num_inference_steps > self.ddpm_num_steps:
             raise UserError(f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps ({self.ddpm_num_steps})")
+
+    @property
+    def validation_fraction(self) -> float | None:
+        """--validation_split as a fraction of the training split, or None when it names a split."""
+        try:
+            return float(self.validation_split)
+        except (TypeError, ValueError):
+            return None
 
     @property
     def grid_inference_steps(self) -> int:

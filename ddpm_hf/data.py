@@ -72,17 +72,21 @@ def _is_saved_dataset(path: str) -> bool:
     return os.path.isfile(os.path.join(path, "state.json")) or os.path.isfile(os.path.join(path, "dataset_dict.json"))
 
 
-def load_source_dataset(config: TrainingConfig) -> datasets.Dataset | datasets.IterableDataset:
-    """The training split as a `datasets` object, from whichever source the config names."""
-    split = config.dataset_split
+def load_source_dataset(config: TrainingConfig, split: str | None = None) -> datasets.Dataset | datasets.IterableDataset:
+    """One split (the training split unless named) as a `datasets` object, from whichever source the config names."""
+    split = split or config.dataset_split
     if config.train_data_dir:
         if not os.path.isdir(config.train_data_dir):
             raise UserError(f"--train_data_dir {config.train_data_dir} is not a folder")
+        # A flat folder of images is one "train" split; train/ and test/ subfolders give two.
+        folder_split = "train" if split == config.dataset_split else split
         dataset = _call_datasets(
-            f"images from {config.train_data_dir}",
-            lambda: datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, split="train", cache_dir=config.cache_dir, streaming=config.streaming),
+            f"split '{folder_split}' of the images in {config.train_data_dir}",
+            lambda: datasets.load_dataset("imagefolder", data_dir=config.train_data_dir, split=folder_split, cache_dir=config.cache_dir, streaming=config.streaming),
         )
     elif config.dataset_name == OFFLINE_MNIST:
+        if split != "train":
+            raise UserError(f"{OFFLINE_MNIST} has only a train split, not '{split}'; hold out a fraction instead, e.g. --validation_split 0.1")
         dataset = offline_mnist()
         if config.streaming:
             dataset = dataset.to_iterable_dataset(num_shards=max(1, config.dataloader_num_workers))
@@ -115,9 +119,16 @@ def load_source_dataset(config: TrainingConfig) -> datasets.Dataset | datasets.I
             description,
             lambda: datasets.load_dataset(name, config.dataset_config_name, split=split, cache_dir=config.cache_dir, streaming=config.streaming),
         )
-    if config.max_train_samples is not None:
-        dataset = dataset.take(config.max_train_samples) if config.streaming else dataset.select(range(min(config.max_train_samples, len(dataset))))
     return dataset
+
+
+def first_examples(dataset: datasets.Dataset | datasets.IterableDataset, count: int | None):
+    """At most ``count`` examples from the start of a dataset or stream."""
+    if count is None:
+        return dataset
+    if isinstance(dataset, datasets.IterableDataset):
+        return dataset.take(count)
+    return dataset.select(range(min(count, len(dataset))))
 
 
 def find_columns(features: datasets.Features, config: TrainingConfig) -> tuple[str, str | None]:
@@ -267,6 +278,10 @@ class InMemoryImages:
         index = self.order.indices(start, self.micro_batch)
         return self.images[index], (self.labels[index] if self.labels is not None else None)
 
+    def preview(self, count: int) -> torch.Tensor:
+        """The first ``count`` training images (for diagnostics), without moving the data position."""
+        return self.images[:count]
+
     # The position is a function of the step alone: nothing to save.
     def state_dict(self) -> dict:
         return {}
@@ -275,12 +290,12 @@ class InMemoryImages:
         pass
 
 
-def decode_in_memory(dataset: datasets.Dataset, image_column: str, config: TrainingConfig) -> tuple[np.ndarray, ImageFormat]:
-    """Decode every image once into an (N, C, R, R) uint8 array."""
+def decode_in_memory(dataset: datasets.Dataset, image_column: str, config: TrainingConfig, fmt: ImageFormat | None = None) -> tuple[np.ndarray, ImageFormat]:
+    """Decode every image once into an (N, C, R, R) uint8 array (in ``fmt``, or one read from the first image)."""
     if len(dataset) == 0:
         raise UserError("the dataset is empty: it has no examples to train on")
     raw = dataset.select_columns([image_column]).cast_column(image_column, datasets.Image(decode=False))
-    fmt = image_format_for(_open_encoded(raw[0][image_column], 0), config)
+    fmt = fmt or image_format_for(_open_encoded(raw[0][image_column], 0), config)
     pixels = np.empty((len(raw), fmt.channels, fmt.resolution, fmt.resolution), dtype=np.uint8)
     position = 0
     for batch in raw.iter(batch_size=1000):
@@ -372,6 +387,10 @@ class StreamingImages:
         labels = batch["labels"].to(self.device, non_blocking=True) if batch["labels"] is not None else None
         return batch["pixels"].to(self.device, non_blocking=True), labels
 
+    def preview(self, count: int) -> torch.Tensor:
+        """The first ``count`` images of the stream (for diagnostics), read apart from the training iterator."""
+        return torch.from_numpy(np.stack([to_uint8_array(e[self.image_column], self.fmt) for e in self.dataset.take(count)]))
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}
 
@@ -383,30 +402,88 @@ class StreamingImages:
 # ----------------------------------------------------------------------------------------------
 # Entry point
 # ----------------------------------------------------------------------------------------------
-def load_training_data(config: TrainingConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> InMemoryImages | StreamingImages:
-    """Load, check and prepare the training images for this process."""
+@dataclass
+class ValidationImages:
+    """Held-out images (uint8, on the device) and their labels, in the training images' format."""
+
+    images: torch.Tensor
+    labels: torch.Tensor | None
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+
+def _decode_stream(stream: datasets.IterableDataset, image_column: str, label_column: str | None, fmt: ImageFormat) -> tuple[np.ndarray, torch.Tensor | None]:
+    examples = list(stream)
+    if not examples:
+        raise UserError("the validation split is empty")
+    pixels = np.stack([to_uint8_array(e[image_column], fmt) for e in examples])
+    labels = torch.tensor([e[label_column] for e in examples], dtype=torch.long) if label_column else None
+    return pixels, labels
+
+
+def _validation_source(config: TrainingConfig, training: datasets.Dataset | datasets.IterableDataset):
+    """(training split without the held-out part, validation examples or None), per --validation_split."""
+    if config.validation_split is None:
+        return training, None
+    fraction = config.validation_fraction
+    if fraction is None:
+        return training, load_source_dataset(config, split=config.validation_split)
+    if config.streaming:
+        raise UserError("--validation_split as a fraction needs the data in memory; with --streaming name a split instead, e.g. --validation_split test")
+    if round(fraction * len(training)) < 1 or round(fraction * len(training)) >= len(training):
+        raise UserError(f"--validation_split {config.validation_split} of {len(training)} examples leaves no validation or no training examples")
+    # datasets' own split, shuffled by the run's seed: the same examples are held out on every process and resume.
+    parts = training.train_test_split(test_size=fraction, seed=config.seed, shuffle=True)
+    return parts["train"], parts["test"]
+
+
+def load_data(config: TrainingConfig, device: torch.device, rank: int = 0, world_size: int = 1) -> tuple[InMemoryImages | StreamingImages, ValidationImages | None]:
+    """Load, check and prepare this process's training images, and the validation images if asked for."""
     dataset = load_source_dataset(config)
     features = dataset.features
     if features is None:  # some streamed sources only know their columns after a first read
         dataset = dataset._resolve_features()
         features = dataset.features
     image_column, label_column = find_columns(features, config)
+    if config.class_conditional and label_column is None:
+        raise UserError(f"--class_conditional needs class labels, but the dataset has no label column (columns: {', '.join(features)}); name it with --label_column")
+    dataset, validation_source = _validation_source(config, dataset)
+    dataset = first_examples(dataset, config.max_train_samples)
 
     if config.streaming:
         first = next(iter(dataset.take(1)), None)
         if first is None:
             raise UserError("the dataset is empty: it has no examples to train on")
         fmt = image_format_for(first[image_column], config)
-        return StreamingImages(dataset, image_column, label_column, fmt, config, rank, world_size, device)
+        train = StreamingImages(dataset, image_column, label_column, fmt, config, rank, world_size, device)
+        if config.class_conditional and train.num_classes is None:
+            raise UserError(f"--class_conditional with --streaming needs a ClassLabel column to know the number of classes; '{label_column}' is not one")
+    else:
+        pixels, fmt = decode_in_memory(dataset, image_column, config)
+        labels, num_classes = _labels_and_classes(dataset, label_column)
+        train = InMemoryImages(
+            images=torch.from_numpy(pixels).to(device),
+            labels=labels.to(device) if labels is not None else None,
+            num_classes=num_classes,
+            seed=config.seed,
+            micro_batch=config.train_batch_size,
+            rank=rank,
+            world_size=world_size,
+        )
 
-    pixels, _ = decode_in_memory(dataset, image_column, config)
-    labels, num_classes = _labels_and_classes(dataset, label_column)
-    return InMemoryImages(
-        images=torch.from_numpy(pixels).to(device),
-        labels=labels.to(device) if labels is not None else None,
-        num_classes=num_classes,
-        seed=config.seed,
-        micro_batch=config.train_batch_size,
-        rank=rank,
-        world_size=world_size,
-    )
+    if validation_source is None:
+        return train, None
+    validation_source = first_examples(validation_source, config.max_validation_samples)
+    if image_column not in (validation_source.features or {}):
+        raise UserError(f"the validation split '{config.validation_split}' has no image column '{image_column}' like the training split")
+    validation_labels = label_column if label_column in validation_source.features else None
+    if isinstance(validation_source, datasets.IterableDataset):
+        pixels, labels = _decode_stream(validation_source, image_column, validation_labels, fmt)
+    else:
+        pixels, _ = decode_in_memory(validation_source, image_column, config, fmt)
+        labels, _ = _labels_and_classes(validation_source, validation_labels)
+    if config.class_conditional and (labels is None or labels.max() >= train.num_classes):
+        raise UserError(f"the validation split '{config.validation_split}' needs labels in 0..{train.num_classes - 1}, like the training split")
+    validation = ValidationImages(images=torch.from_numpy(pixels).to(device), labels=labels.to(device) if labels is not None else None)
+    return train, validation

@@ -10,13 +10,14 @@ import sys
 import torch
 
 METRICS_FILE = "metrics.jsonl"
+VALIDATION_FILE = "validation.jsonl"
 
 
 class MetricsLog:
-    """``output_dir/metrics.jsonl``: one JSON object per logging step, easy to open or load with pandas."""
+    """``output_dir/metrics.jsonl`` (or another name): one JSON object per row, easy to open or load with pandas."""
 
-    def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, METRICS_FILE)
+    def __init__(self, output_dir: str, name: str = METRICS_FILE):
+        self.path = os.path.join(output_dir, name)
 
     def truncate_after(self, step: int) -> None:
         """On resume, drop rows the interrupted run logged after its last checkpoint: they are redone."""

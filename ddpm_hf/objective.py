@@ -1,8 +1,9 @@
 """The DDPM training objective as pure functions of tensors (Ho et al. 2020, section 3).
 
-Nothing here touches a model, an optimizer or a process group, so every identity can be
-tested in isolation: the forward process q(x_t | x_0), the three regression targets that
-`diffusers` schedulers understand, the per-timestep loss weights and the timestep samplers.
+Nothing here owns a model, an optimizer or a process group, so every identity can be tested
+in isolation: the forward process q(x_t | x_0), the three regression targets that `diffusers`
+schedulers understand, the per-timestep loss weights, the timestep samplers, and the per-example
+loss of any network passed in.
 
 Symbols follow the paper: ``abar_t`` is alpha-bar_t = prod_{s<=t} (1 - beta_s), ``eps`` the
 Gaussian noise, ``x0`` the clean image, ``x_t`` the noised one.
@@ -16,7 +17,7 @@ import torch
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 LossWeighting = Literal["simple", "snr", "min_snr"]
-TimestepSampling = Literal["uniform", "stratified"]
+TimestepSampling = Literal["uniform", "stratified"]  # loss_aware is stateful: see resample.py
 
 
 def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -150,3 +151,24 @@ def per_example_loss(
     """Weighted MSE per example, shape (B,): kept unreduced so callers can log or re-weight it."""
     squared_error = (model_output.float() - target.float()).pow(2)
     return squared_error.mean(dim=tuple(range(1, squared_error.ndim))) * weights.float()
+
+
+def diffusion_losses(
+    model,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    timesteps: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    prediction_type: PredictionType,
+    weighting: LossWeighting,
+    snr_gamma: float = 5.0,
+    class_labels: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Per-example weighted losses (B,) of ``model`` (a UNet2DModel or its wrapper) on one batch
+    (Ho et al. algorithm 1, lines 2-5); ``class_labels`` only for a class-conditional UNet."""
+    x_t = q_sample(x0, noise, timesteps, alphas_cumprod)
+    extra = {} if class_labels is None else {"class_labels": class_labels}
+    prediction = model(x_t, timesteps, **extra).sample
+    target = training_target(x0, noise, timesteps, alphas_cumprod, prediction_type)
+    weights = loss_weights(timesteps, alphas_cumprod, prediction_type, weighting, snr_gamma)
+    return per_example_loss(prediction, target, weights)

@@ -1,4 +1,4 @@
-"""PNG plots a person can open: the loss curve."""
+"""PNG plots a person can open: the loss curve, the noise schedule, the loss per timestep."""
 
 from __future__ import annotations
 
@@ -10,19 +10,53 @@ import matplotlib.pyplot as plt  # noqa: E402
 from .metrics import smooth  # noqa: E402
 
 
-def plot_loss_curve(rows: list[dict], path: str) -> None:
-    """Raw and smoothed training loss against optimizer step, from the metrics rows."""
+def _save(figure, path: str) -> None:
+    figure.tight_layout()
+    figure.savefig(path)
+    plt.close(figure)
+
+
+def plot_loss_curve(rows: list[dict], path: str, validation_rows: list[dict] | None = None) -> None:
+    """Raw and smoothed training loss against optimizer step, from the metrics rows, and the
+    validation loss when there is one."""
     steps = [row["step"] for row in rows]
     losses = [row["loss"] for row in rows]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
     axis.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss (per logging interval)")
     axis.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="smoothed")
+    if validation_rows:
+        axis.plot([r["step"] for r in validation_rows], [r["val_loss"] for r in validation_rows], "o-", color="tab:orange", label="validation loss")
+        losses = losses + [r["val_loss"] for r in validation_rows]
     axis.set_xlabel("optimizer step")
-    axis.set_ylabel("training loss")
+    axis.set_ylabel("loss")
     if losses and min(losses) > 0:
         axis.set_yscale("log")
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
-    figure.tight_layout()
-    figure.savefig(path)
-    plt.close(figure)
+    _save(figure, path)
+
+
+def plot_schedule(rows: list[dict], path: str) -> None:
+    """beta_t, abar_t and log SNR(t) side by side."""
+    t = [r["t"] for r in rows]
+    figure, axes = plt.subplots(1, 3, figsize=(12, 3.5), dpi=120)
+    for axis, key, label in zip(axes, ("beta", "alpha_bar", "log_snr"), ("beta_t", "alpha-bar_t", "log SNR(t)")):
+        axis.plot(t, [r[key] for r in rows], color="tab:purple")
+        axis.set_xlabel("t")
+        axis.set_title(label)
+        axis.grid(True, alpha=0.3)
+    _save(figure, path)
+
+
+def plot_timestep_profile(profile: list[dict], path: str, step: int) -> None:
+    """The validation loss in equal bins of t, as bars over each bin's range."""
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    lefts = [r["t_start"] for r in profile]
+    widths = [r["t_end"] - r["t_start"] + 1 for r in profile]
+    axis.bar(lefts, [r["mean_loss"] for r in profile], width=widths, align="edge", color="tab:green", edgecolor="white")
+    axis.set_xlabel("t (bins of equal width)")
+    axis.set_ylabel("validation loss")
+    axis.set_yscale("log")
+    axis.set_title(f"validation loss per timestep, step {step}")
+    axis.grid(True, which="both", axis="y", alpha=0.3)
+    _save(figure, path)

@@ -9,23 +9,47 @@ import PIL.Image
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
 
+from .pipeline import ClassConditionalDDPMPipeline
 
-def sampling_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, sampler: str) -> DDPMPipeline | DDIMPipeline:
+
+def is_class_conditional(unet: UNet2DModel) -> bool:
+    return bool(unet.config.num_class_embeds)
+
+
+def pipeline_for(unet: UNet2DModel, noise_scheduler: DDPMScheduler) -> DDPMPipeline | ClassConditionalDDPMPipeline:
+    """What a run saves: diffusers' own DDPMPipeline, or ours when the UNet takes class labels."""
+    if is_class_conditional(unet):
+        return ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
+    return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+
+
+def sampling_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, sampler: str):
     """A pipeline over ``unet``: ancestral DDPM sampling, or deterministic DDIM (eta = 0) on the same schedule."""
-    if sampler == "ddim":
-        pipeline = DDIMPipeline(unet=unet, scheduler=DDIMScheduler.from_config(noise_scheduler.config))
+    scheduler_class = DDIMScheduler if sampler == "ddim" else DDPMScheduler
+    scheduler = scheduler_class.from_config(noise_scheduler.config)
+    if is_class_conditional(unet):
+        pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler)
     else:
-        pipeline = DDPMPipeline(unet=unet, scheduler=DDPMScheduler.from_config(noise_scheduler.config))
+        pipeline = (DDIMPipeline if sampler == "ddim" else DDPMPipeline)(unet=unet, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 
 
 @torch.no_grad()
-def generate(pipeline, num_images: int, num_inference_steps: int, seed: int) -> np.ndarray:
+def generate(pipeline, num_images: int, num_inference_steps: int, seed: int, class_labels=None, guidance_scale: float = 1.0) -> np.ndarray:
     """(N, H, W, C) floats in [0, 1]. The noise comes from a CPU generator seeded with ``seed``,
-    so the same seed gives the same starting noise on any device and at any training step."""
+    so the same seed gives the same starting noise on any device and at any training step.
+    A class-conditional pipeline draws one image per entry of ``class_labels``."""
     generator = torch.Generator("cpu").manual_seed(seed)
+    if isinstance(pipeline, ClassConditionalDDPMPipeline):
+        return pipeline(class_labels, guidance_scale=guidance_scale, generator=generator, num_inference_steps=num_inference_steps, output_type="np").images
     return pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="np").images
+
+
+def class_grid_labels(num_classes: int, images_wanted: int) -> tuple[torch.Tensor, int]:
+    """Labels for a grid with one row per class: (labels in row order, images per row)."""
+    per_class = max(1, round(images_wanted / num_classes))
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
 
 
 def image_grid(images: np.ndarray, columns: int | None = None) -> PIL.Image.Image:

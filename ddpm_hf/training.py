@@ -1,8 +1,8 @@
 """The training loop: set up, optionally resume, optimise, maintain, finish. Read it top to bottom.
 
-Randomness is replayable: everything a step draws (which examples, noise, timesteps, flips)
-comes from a generator seeded by (seed, step, micro-batch) and is drawn for the *global*
-batch, of which each process takes its slice. A resumed run therefore repeats the
+Randomness is replayable: everything a step draws (which examples, noise, timesteps, flips,
+dropped labels) comes from a generator seeded by (seed, step, micro-batch) and is drawn for the
+*global* batch, of which each process takes its slice. A resumed run therefore repeats the
 uninterrupted one, and the data and noise do not depend on the number of processes.
 """
 
@@ -16,30 +16,34 @@ import shutil
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import ProjectConfiguration
-from diffusers import DDPMPipeline, UNet2DModel
+from diffusers import UNet2DModel
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from . import checkpoints
 from .config import TrainingConfig
-from .data import InMemoryImages, StreamingImages, load_training_data, to_model_input
+from .data import InMemoryImages, StreamingImages, load_data, to_model_input
+from .diagnostics import write_diagnostics_at_start, write_timestep_profile
 from .errors import UserError
-from .metrics import MetricsLog, peak_memory_bytes, smooth
+from .metrics import VALIDATION_FILE, MetricsLog, peak_memory_bytes, smooth
 from .models import build_noise_scheduler, build_unet, count_parameters, unet_config
-from .objective import loss_weights, per_example_loss, q_sample, sample_timesteps, training_target
+from .objective import diffusion_losses, sample_timesteps
 from .plots import plot_loss_curve
-from .sampling import generate, image_grid, sampling_pipeline
+from .resample import LossSecondMomentSampler
+from .sampling import class_grid_labels, generate, image_grid, pipeline_for, sampling_pipeline
+from .seeds import derive_seed
+from .validation import EarlyStopping, ValidationSet, make_validation_set, timestep_profile, validation_losses
 
 # Files and folders a run writes into output_dir (removed by --overwrite_output_dir).
 RUN_OUTPUTS = (
-    "training_config.json", "train_stats.json", "metrics.jsonl", "loss_curve.png", "model_index.json",
-    "unet", "scheduler", "samples", "logs", checkpoints.CHECKPOINTS,
+    "training_config.json", "train_stats.json", "metrics.jsonl", VALIDATION_FILE, "loss_curve.png", "model_index.json",
+    "unet", "scheduler", "samples", "logs", "diagnostics", "best", checkpoints.CHECKPOINTS,
 )
+BEST = "best"
 
 
 @dataclass
@@ -49,7 +53,10 @@ class TrainingProgress:
     step: int = 0
     images_seen: int = 0
     train_seconds: float = 0.0  # time inside optimisation steps, summed over every resume
+    # The states of the loop's stateful helpers, refreshed just before each checkpoint.
     data_state: dict = field(default_factory=dict)
+    sampler_state: dict = field(default_factory=dict)
+    early_stopping: dict = field(default_factory=dict)
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -57,11 +64,6 @@ class TrainingProgress:
     def load_state_dict(self, state: dict) -> None:
         for name, value in state.items():
             setattr(self, name, value)
-
-
-def derive_seed(*parts: int) -> int:
-    """A well-mixed 32-bit seed from integers such as (seed, step, micro-batch)."""
-    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -136,45 +138,74 @@ def total_train_steps(config: TrainingConfig, data: InMemoryImages | StreamingIm
 # ----------------------------------------------------------------------------------------------
 # The optimisation step
 # ----------------------------------------------------------------------------------------------
-def draw_noise(config: TrainingConfig, step: int, micro: int, shape: tuple, rank: int, world_size: int, device) -> tuple:
-    """eps, t and flip flags for this process's slice of the global micro-batch (step, micro)."""
+@dataclass
+class StepDraws:
+    """Everything random about one micro-batch, for this process's slice of the global batch."""
+
+    noise: torch.Tensor  # eps
+    timesteps: torch.Tensor  # t
+    flips: torch.Tensor  # horizontal flip per example
+    drop_labels: torch.Tensor | None  # class-conditional runs: replace the label by the null class
+    weights: torch.Tensor | None  # loss-aware sampling: importance weight 1 / (T p_t)
+    global_timesteps: torch.Tensor  # t of the whole global micro-batch (every process draws them all)
+
+
+def draw_noise(config: TrainingConfig, step: int, micro: int, shape: tuple, rank: int, world_size: int, device,
+               sampler: LossSecondMomentSampler | None = None) -> StepDraws:
+    """The draws of the global micro-batch (step, micro), sliced to this process's share."""
     micro_batch = shape[0]
-    global_shape = (micro_batch * world_size, *shape[1:])
+    global_batch = micro_batch * world_size
     generator = torch.Generator(device).manual_seed(derive_seed(config.seed, step, micro))
-    noise = torch.randn(global_shape, generator=generator, device=device)
-    timesteps = sample_timesteps(global_shape[0], config.ddpm_num_steps, config.timestep_sampling, generator, device)
-    flips = torch.rand(global_shape[0], generator=generator, device=device) < 0.5
+    noise = torch.randn((global_batch, *shape[1:]), generator=generator, device=device)
+    weights = None
+    if sampler is None:
+        timesteps = sample_timesteps(global_batch, config.ddpm_num_steps, config.timestep_sampling, generator, device)
+    else:  # its probabilities live on the host, so it draws from a host generator of its own
+        host_generator = torch.Generator("cpu").manual_seed(derive_seed(config.seed, step, micro, 2))
+        timesteps, weights = sampler.sample(global_batch, host_generator, device)
+    flips = torch.rand(global_batch, generator=generator, device=device) < 0.5
+    drops = torch.rand(global_batch, generator=generator, device=device) < config.cond_drop_prob if config.class_conditional else None
     mine = slice(rank * micro_batch, (rank + 1) * micro_batch)
-    return noise[mine], timesteps[mine], flips[mine]
+    return StepDraws(
+        noise=noise[mine], timesteps=timesteps[mine], flips=flips[mine],
+        drop_labels=drops[mine] if drops is not None else None,
+        weights=weights[mine] if weights is not None else None,
+        global_timesteps=timesteps,
+    )
 
 
-def diffusion_losses(model, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, alphas_cumprod: torch.Tensor, config: TrainingConfig) -> torch.Tensor:
-    """Per-example weighted losses (B,) for one micro-batch (Ho et al. algorithm 1, lines 2-5)."""
-    x_t = q_sample(x0, noise, timesteps, alphas_cumprod)
-    prediction = model(x_t, timesteps).sample
-    target = training_target(x0, noise, timesteps, alphas_cumprod, config.prediction_type)
-    weights = loss_weights(timesteps, alphas_cumprod, config.prediction_type, config.loss_weighting, config.snr_gamma)
-    return per_example_loss(prediction, target, weights)
+def conditioning_labels(labels: torch.Tensor, drop: torch.Tensor, null_label: int) -> torch.Tensor:
+    """Labels with the dropped ones replaced by the null class (classifier-free guidance training)."""
+    return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
-def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config: TrainingConfig, step: int, random_flip: bool) -> tuple:
+def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config: TrainingConfig, step: int,
+                      random_flip: bool, sampler: LossSecondMomentSampler | None = None) -> tuple:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the EMA update.
 
-    Returns the mean loss and the gradient norm as device tensors (reading them would synchronise).
+    Returns the mean loss and the gradient norm as device tensors (reading them would synchronise,
+    except that the loss-aware sampler must read every step's losses).
     """
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     accumulation = config.gradient_accumulation_steps
     step_loss = torch.zeros((), device=device)
     for micro in range(accumulation):
-        images, _labels = data.next_batch(step, micro, accumulation)
-        noise, timesteps, flips = draw_noise(config, step, micro, tuple(images.shape), rank, world_size, device)
+        images, labels = data.next_batch(step, micro, accumulation)
+        draws = draw_noise(config, step, micro, tuple(images.shape), rank, world_size, device, sampler)
         x0 = to_model_input(images)
         if random_flip:
-            x0 = torch.where(flips[:, None, None, None], x0.flip(-1), x0)
+            x0 = torch.where(draws.flips[:, None, None, None], x0.flip(-1), x0)
+        class_labels = conditioning_labels(labels, draws.drop_labels, data.num_classes) if config.class_conditional else None
         torch.manual_seed(derive_seed(config.seed, step, micro, rank, 1))  # dropout masks, replayable
         # Gradients are all-reduced once per optimizer step: on the last micro-batch only.
         with contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model):
-            loss = diffusion_losses(model, x0, noise, timesteps, alphas_cumprod, config).mean() / accumulation
+            losses = diffusion_losses(model, x0, draws.noise, draws.timesteps, alphas_cumprod, config.prediction_type,
+                                      config.loss_weighting, config.snr_gamma, class_labels=class_labels)
+            if sampler is not None:
+                # Every process remembers the whole global batch, so all keep the same history.
+                sampler.update(draws.global_timesteps.cpu(), accelerator.gather(losses.detach()).cpu())
+                losses = losses * draws.weights  # importance weights keep the objective unbiased
+            loss = losses.mean() / accumulation
             accelerator.backward(loss)
         step_loss += loss.detach()
     # clip_grad_norm_ unscales fp16 gradients first; with clipping off it still measures the norm.
@@ -225,7 +256,7 @@ class LoggingInterval:
 
 
 # ----------------------------------------------------------------------------------------------
-# Maintenance: sample grids and the final pipeline
+# Maintenance: sample grids, validation, the best and the final pipeline
 # ----------------------------------------------------------------------------------------------
 def weights_for_sampling(unet: UNet2DModel, ema: EMAModel | None, sampling_unet: UNet2DModel) -> UNet2DModel:
     """Load the EMA weights (or the live ones, without EMA) into the separate sampling copy."""
@@ -236,12 +267,36 @@ def weights_for_sampling(unet: UNet2DModel, ema: EMAModel | None, sampling_unet:
     return sampling_unet.eval()
 
 
-def write_sample_grid(sampling_unet: UNet2DModel, noise_scheduler, config: TrainingConfig, step: int) -> str:
+def write_sample_grid(sampling_unet: UNet2DModel, noise_scheduler, config: TrainingConfig, step: int, num_classes: int | None = None) -> str:
+    """A grid of samples from a fixed seed; for a class-conditional run, one row per class."""
     pipeline = sampling_pipeline(sampling_unet, noise_scheduler, config.sampler)
-    images = generate(pipeline, config.eval_batch_size, config.grid_inference_steps, config.seed)
+    if config.class_conditional:
+        labels, columns = class_grid_labels(num_classes, config.eval_batch_size)
+        images = generate(pipeline, len(labels), config.grid_inference_steps, config.seed, class_labels=labels, guidance_scale=config.guidance_scale)
+    else:
+        images, columns = generate(pipeline, config.eval_batch_size, config.grid_inference_steps, config.seed), None
     path = os.path.join(config.output_dir, "samples", f"step_{step:07d}.png")
-    image_grid(images).save(path)
+    image_grid(images, columns).save(path)
     return path
+
+
+def save_pipeline_atomically(pipeline, folder: str, extra: dict | None = None) -> None:
+    """save_pretrained into a temporary sibling, then rename: a crash never leaves half a pipeline."""
+    partial = os.path.join(os.path.dirname(folder), f".tmp-{os.path.basename(folder)}")
+    shutil.rmtree(partial, ignore_errors=True)
+    pipeline.save_pretrained(partial, safe_serialization=True)
+    if extra:
+        _write_json(os.path.join(partial, "validation.json"), extra)
+    if os.path.exists(folder):
+        shutil.rmtree(folder)
+    os.replace(partial, folder)
+
+
+def run_validation(sampling_unet: UNet2DModel, validation: ValidationSet, alphas_cumprod: torch.Tensor, config: TrainingConfig, accelerator) -> tuple[float, list[dict]]:
+    """(mean validation loss, per-timestep profile) of the sampling weights (EMA when on): the
+    model that the grids, best/ and the final pipeline use. The same on every process."""
+    losses = validation_losses(sampling_unet, validation, alphas_cumprod, config, accelerator, config.train_batch_size)
+    return losses.double().mean().item(), timestep_profile(losses, validation.timesteps, config.ddpm_num_steps)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -258,13 +313,18 @@ def train(config: TrainingConfig) -> dict:
     prepare_output_dir(config, accelerator)
 
     # --- data, model, schedule ---
-    data = load_training_data(config, device, rank, world_size)
-    unet_values = unet_config(config, data.channels, data.resolution)
+    data, held_out = load_data(config, device, rank, world_size)
+    # Class-conditional: one embedding per class plus the null class (the last one) for guidance.
+    num_class_embeds = data.num_classes + 1 if config.class_conditional else None
+    unet_values = unet_config(config, data.channels, data.resolution, num_class_embeds)
     torch.manual_seed(config.seed)  # identical initial weights on every process
     model = build_unet(unet_values)
     noise_scheduler = build_noise_scheduler(config)
     alphas_cumprod = noise_scheduler.alphas_cumprod.to(device=device, dtype=torch.float32)
     random_flip = config.random_flip if config.random_flip is not None else data.channels == 3
+    sampler = LossSecondMomentSampler(config.ddpm_num_steps) if config.timestep_sampling == "loss_aware" else None
+    validation = make_validation_set(held_out, config.ddpm_num_steps, config.seed) if held_out is not None else None
+    early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
 
     # --- optimisation ---
     optimizer = torch.optim.AdamW(
@@ -292,6 +352,7 @@ def train(config: TrainingConfig) -> dict:
 
     # --- resume ---
     metrics = MetricsLog(config.output_dir)
+    validation_log = MetricsLog(config.output_dir, VALIDATION_FILE)
     run_info = {"training_config": config.to_dict(), "unet_config": dict(unet_values)}
     resume_path = checkpoints.resolve_resume(config.resume_from_checkpoint, config.output_dir)
     if resume_path is not None:
@@ -300,15 +361,22 @@ def train(config: TrainingConfig) -> dict:
         if ema is not None:
             ema.to(device)  # accelerate loads registered state onto the CPU
         data.load_state_dict(progress.data_state)
+        if sampler is not None:
+            sampler.load_state_dict(progress.sampler_state)
+        early_stopping.load_state_dict(progress.early_stopping)
         if accelerator.is_main_process:
             metrics.truncate_after(progress.step)
+            validation_log.truncate_after(progress.step)
         accelerator.print(f"resumed from {resume_path} at step {progress.step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint under {checkpoints.checkpoints_root(config.output_dir)} yet: starting from step 0")
     if accelerator.is_main_process:  # only now: a refused resume must leave the run's files as they were
         config.save(os.path.join(config.output_dir, "training_config.json"))
+        if progress.step == 0:
+            write_diagnostics_at_start(config.output_dir, noise_scheduler.betas, alphas_cumprod, data.preview(4), config.seed)
 
-    sampling_unet = UNet2DModel.from_config(unet.config).to(device) if accelerator.is_main_process else None
+    # Every process holds a sampling copy: validation runs on all of them.
+    sampling_unet = UNet2DModel.from_config(unet.config).to(device)
     parameters = count_parameters(unet)
     if accelerator.is_main_process and config.report_to != "none":
         accelerator.init_trackers("ddpm-hf", config={k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config.to_dict().items()})
@@ -316,24 +384,49 @@ def train(config: TrainingConfig) -> dict:
     accelerator.print(
         f"examples: {examples} | images per step: {images_per_step} ({config.train_batch_size} x {world_size} processes x "
         f"{config.gradient_accumulation_steps} accumulation) | steps: {progress.step} -> {max_steps} | "
-        f"UNet '{config.model_preset}': {parameters / 1e6:.2f}M parameters at {data.resolution}x{data.resolution}x{data.channels} | "
-        f"device: {device} | precision: {accelerator.mixed_precision}"
+        f"UNet '{config.model_preset}': {parameters / 1e6:.2f}M parameters at {data.resolution}x{data.resolution}x{data.channels}"
+        f"{f', {data.num_classes} classes + null' if config.class_conditional else ''} | "
+        f"validation: {len(validation) if validation is not None else 'none'} | device: {device} | precision: {accelerator.mixed_precision}"
     )
 
     # --- train ---
     progress_bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True)
+
+    def say(message: str) -> None:  # one line above the progress bar, from one process per machine
+        if accelerator.is_local_main_process:
+            progress_bar.write(message)
+
     interval = LoggingInterval(device)
     images_this_run, seconds_this_run = 0, 0.0
     model.train()
-    while progress.step < max_steps:
-        loss, grad_norm = optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config, progress.step, random_flip)
+    while progress.step < max_steps and not early_stopping.stopped:
+        loss, grad_norm = optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config, progress.step, random_flip, sampler)
         interval.add(loss, grad_norm)
         progress.step += 1
         progress.images_seen += images_per_step
         progress_bar.update(1)
 
-        # --- maintenance: logging, sample grids, checkpoints ---
+        # --- maintenance: validation, logging, sample grids, checkpoints ---
         done = progress.step == max_steps
+        if validation is not None and ((config.validation_steps and progress.step % config.validation_steps == 0) or done):
+            with interval.paused():
+                val_loss, profile = run_validation(weights_for_sampling(unet, ema, sampling_unet), validation, alphas_cumprod, config, accelerator)
+                improved = early_stopping.observe(val_loss, progress.step)
+                row = {"step": progress.step, "images_seen": progress.images_seen, "val_loss": val_loss, "best_val_loss": early_stopping.best_loss}
+                if accelerator.is_main_process:
+                    validation_log.append(row)
+                    write_timestep_profile(config.output_dir, profile, progress.step)
+                    if improved:
+                        save_pipeline_atomically(pipeline_for(sampling_unet, noise_scheduler), os.path.join(config.output_dir, BEST),
+                                                 {"step": progress.step, "val_loss": val_loss})
+                    if config.report_to != "none":
+                        accelerator.log({"val_loss": val_loss}, step=progress.step)
+                say(f"step {progress.step}: validation loss {val_loss:.5f} (best {early_stopping.best_loss:.5f} at step {early_stopping.best_step})")
+            if early_stopping.stopped:
+                say(f"early stopping at step {progress.step}: no improvement over {early_stopping.best_loss:.5f} "
+                    f"(step {early_stopping.best_step}) in {config.early_stopping_patience} validations; best model in {os.path.join(config.output_dir, BEST)}")
+                done = True
+
         if progress.step % config.logging_steps == 0 or done:
             mean_loss, mean_grad_norm, steps, seconds = interval.close(accelerator)
             progress.train_seconds += seconds
@@ -356,22 +449,23 @@ def train(config: TrainingConfig) -> dict:
 
         with interval.paused():
             if accelerator.is_main_process and ((config.save_images_steps and progress.step % config.save_images_steps == 0) or done):
-                write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step)
+                write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step, data.num_classes)
             if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done:
                 progress.data_state = data.state_dict()
+                progress.sampler_state = sampler.state_dict() if sampler is not None else {}
+                progress.early_stopping = early_stopping.state_dict()
                 path = checkpoints.save_checkpoint(accelerator, config.output_dir, progress.step, run_info, config.checkpoints_total_limit)
-                if accelerator.is_local_main_process:
-                    progress_bar.write(f"saved checkpoint {path}")
+                say(f"saved checkpoint {path}")
     progress_bar.close()
 
     # --- finish: the pipeline, the curve, the statistics ---
     accelerator.wait_for_everyone()
     stats = {}
     if accelerator.is_main_process:
-        DDPMPipeline(unet=weights_for_sampling(unet, ema, sampling_unet), scheduler=noise_scheduler).save_pretrained(config.output_dir, safe_serialization=True)
-        rows = metrics.read()
+        pipeline_for(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler).save_pretrained(config.output_dir, safe_serialization=True)
+        rows, validation_rows = metrics.read(), validation_log.read()
         if rows:
-            plot_loss_curve(rows, os.path.join(config.output_dir, "loss_curve.png"))
+            plot_loss_curve(rows, os.path.join(config.output_dir, "loss_curve.png"), validation_rows)
         peak, peak_kind = peak_memory_bytes(device)
         stats = {
             "wall_time_s": round(time.time() - started, 2),
@@ -382,6 +476,10 @@ def train(config: TrainingConfig) -> dict:
             "peak_memory_bytes": peak,
             "peak_memory_kind": peak_kind,
             "final_loss_smoothed": smooth([r["loss"] for r in rows])[-1] if rows else None,
+            "final_val_loss": validation_rows[-1]["val_loss"] if validation_rows else None,
+            "best_val_loss": early_stopping.best_loss,
+            "best_step": early_stopping.best_step,
+            "stopped_early": early_stopping.stopped,
             "parameters": parameters,
             "device": str(device),
             "num_processes": world_size,

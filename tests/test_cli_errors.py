@@ -63,6 +63,13 @@ def test_missing_image_column(tmp_path):
     assert_one_line_error(result, "image column 'pixels' is not in the dataset (columns: image, label)")
 
 
+def test_class_conditional_without_labels(tmp_path, rgb_image_folder):
+    unlabelled = datasets.load_dataset("imagefolder", data_dir=str(rgb_image_folder), split="train").remove_columns("label")
+    unlabelled.save_to_disk(tmp_path / "unlabelled")
+    result = run_train([*FAST, "--dataset_name", str(tmp_path / "unlabelled"), "--class_conditional", "--output_dir", str(tmp_path / "o")])
+    assert_one_line_error(result, "--class_conditional needs class labels", "--label_column")
+
+
 def test_resolution_the_net_cannot_take(tmp_path):
     result = run_train([*FAST, "--model_preset", "cifar10", "--output_dir", str(tmp_path / "o")])
     assert_one_line_error(result, "resolution 28 does not suit the 'cifar10' UNet", "--resolution 32 --resize_mode pad")
@@ -85,6 +92,10 @@ def test_unwritable_output_dir_and_output_dir_that_is_a_file(tmp_path):
         (["--prediction_type", "noise"], "argument --prediction_type"),
         (["--ddpm_beta_schedule", "cosine"], "argument --ddpm_beta_schedule"),
         (["--loss_weighting", "p2"], "argument --loss_weighting"),
+        (["--timestep_sampling", "importance"], "argument --timestep_sampling"),
+        (["--cond_drop_prob", "1"], "--cond_drop_prob must be in [0, 1)"),
+        (["--validation_split", "2"], "--validation_split as a fraction must be in (0, 1)"),
+        (["--early_stopping_patience", "4"], "--early_stopping_patience needs a validation loss: add --validation_split"),
     ],
 )
 def test_out_of_range_or_unknown_options(tmp_path, flags, fragment):
@@ -104,6 +115,8 @@ def test_resume_errors_leave_the_existing_run_intact(tmp_path):
     assert_one_line_error(result, "checkpoint-99 does not exist")
     result = run_train([*FAST, "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--prediction_type", "v_prediction", "--model_preset", "mnist"])
     assert_one_line_error(result, "cannot resume", "model_preset: checkpoint 'tiny', now 'mnist'", "prediction_type")
+    result = run_train([*FAST, "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--class_conditional"])
+    assert_one_line_error(result, "cannot resume", "class_conditional: checkpoint False, now True", "unet.num_class_embeds")
 
     after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert after.keys() == before.keys() and all(after[p] == before[p] for p in before)

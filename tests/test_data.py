@@ -15,7 +15,7 @@ from ddpm_hf.data import (
     EpochOrder,
     ImageFormat,
     find_columns,
-    load_training_data,
+    load_data,
     offline_mnist,
     to_model_input,
     to_uint8_array,
@@ -42,7 +42,7 @@ def test_offline_mnist_looks_like_ylecun_mnist():
 
 
 def test_offline_digits_decode_into_memory_with_labels():
-    data = load_training_data(TrainingConfig(), CPU)
+    data = load_data(TrainingConfig(), CPU)[0]
     assert data.images.shape == (5000, 1, 28, 28) and data.images.dtype == torch.uint8
     assert data.num_classes == 10 and data.labels.bincount().tolist() == [500] * 10
     x0 = to_model_input(data.images[:100])
@@ -65,7 +65,7 @@ def test_crop_resizes_the_short_side_and_centers():
 
 
 def test_image_folder_keeps_rgb_channels_and_finds_labels(rgb_image_folder):
-    data = load_training_data(TrainingConfig(train_data_dir=str(rgb_image_folder), resolution=16), CPU)
+    data = load_data(TrainingConfig(train_data_dir=str(rgb_image_folder), resolution=16), CPU)[0]
     assert data.images.shape == (12, 3, 16, 16)
     assert data.num_classes == 2
 
@@ -74,7 +74,7 @@ def test_unreadable_image_is_named(rgb_image_folder):
     broken = rgb_image_folder / "cats" / "broken.png"
     broken.write_bytes(b"this is not a png")
     with pytest.raises(UserError, match="cannot read image .*broken.png"):
-        load_training_data(TrainingConfig(train_data_dir=str(rgb_image_folder), resolution=16), CPU)
+        load_data(TrainingConfig(train_data_dir=str(rgb_image_folder), resolution=16), CPU)[0]
 
 
 def test_columns_are_found_or_the_error_says_how_to_name_them():
@@ -92,12 +92,12 @@ def test_columns_are_found_or_the_error_says_how_to_name_them():
 def test_saved_dataset_folder_and_empty_dataset(tmp_path):
     images = [PIL.Image.fromarray(np.full((8, 8), i * 20, dtype=np.uint8)) for i in range(5)]
     datasets.Dataset.from_dict({"image": images}, features=datasets.Features({"image": datasets.Image()})).save_to_disk(tmp_path / "saved")
-    data = load_training_data(TrainingConfig(dataset_name=str(tmp_path / "saved")), CPU)
+    data = load_data(TrainingConfig(dataset_name=str(tmp_path / "saved")), CPU)[0]
     assert data.images.shape == (5, 1, 8, 8) and data.labels is None
     (tmp_path / "empty").mkdir()
     datasets.Dataset.from_dict({"image": []}, features=datasets.Features({"image": datasets.Image()})).to_parquet(tmp_path / "empty" / "train.parquet")
     with pytest.raises(UserError, match="the dataset is empty"):
-        load_training_data(TrainingConfig(dataset_name=str(tmp_path / "empty")), CPU)
+        load_data(TrainingConfig(dataset_name=str(tmp_path / "empty")), CPU)[0]
 
 
 def test_epoch_order_visits_every_example_once_per_epoch_and_is_replayable():
@@ -110,18 +110,18 @@ def test_epoch_order_visits_every_example_once_per_epoch_and_is_replayable():
 
 def test_ranks_take_disjoint_slices_of_the_global_batch():
     config = TrainingConfig(train_batch_size=4, max_train_samples=100)
-    ranks = [load_training_data(config, CPU, rank=r, world_size=2) for r in range(2)]
-    single = load_training_data(TrainingConfig(train_batch_size=8, max_train_samples=100), CPU)
+    ranks = [load_data(config, CPU, rank=r, world_size=2)[0] for r in range(2)]
+    single = load_data(TrainingConfig(train_batch_size=8, max_train_samples=100), CPU)[0]
     global_batch = torch.cat([ranks[0].next_batch(3, 0, 1)[0], ranks[1].next_batch(3, 0, 1)[0]])
     torch.testing.assert_close(global_batch, single.next_batch(3, 0, 1)[0])
 
 
 def test_streaming_yields_batches_and_resumes_its_position():
     config = TrainingConfig(streaming=True, max_train_samples=40, train_batch_size=8, dataloader_num_workers=0, shuffle_buffer_size=16)
-    stream = load_training_data(config, CPU)
+    stream = load_data(config, CPU)[0]
     batches = [stream.next_batch(s, 0, 1)[0] for s in range(7)]  # 5 batches per epoch, then a new epoch
     assert batches[0].shape == (8, 1, 28, 28) and batches[0].dtype == torch.uint8
     assert stream.state_dict() == {"epoch": 1, "consumed": 16}
-    resumed = load_training_data(config, CPU)
+    resumed = load_data(config, CPU)[0]
     resumed.load_state_dict({"epoch": 1, "consumed": 8})
     torch.testing.assert_close(resumed.next_batch(6, 0, 1)[0], batches[6])

@@ -12,9 +12,11 @@ from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
 from ddpm_hf.config import TrainingConfig, parse_config
-from ddpm_hf.data import load_training_data, to_model_input
+from ddpm_hf.data import load_data, to_model_input
 from ddpm_hf.models import build_noise_scheduler, build_unet, unet_config
-from ddpm_hf.training import diffusion_losses, train
+from ddpm_hf.objective import diffusion_losses
+from ddpm_hf.pipeline import ClassConditionalDDPMPipeline
+from ddpm_hf.training import train
 
 from .conftest import FAST, REPO, cli_env, run_train
 
@@ -32,7 +34,7 @@ def _assert_same_weights(a: dict, b: dict, atol: float):
 def test_a_tiny_unet_learns_a_fixed_batch():
     config = TrainingConfig()
     torch.manual_seed(0)
-    data = load_training_data(TrainingConfig(max_train_samples=16, train_batch_size=16), torch.device("cpu"))
+    data, _ = load_data(TrainingConfig(max_train_samples=16, train_batch_size=16), torch.device("cpu"))
     x0 = to_model_input(data.images)
     model = build_unet(unet_config(config, channels=1, resolution=28))
     abar = build_noise_scheduler(config).alphas_cumprod
@@ -40,7 +42,7 @@ def test_a_tiny_unet_learns_a_fixed_batch():
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
-        loss = diffusion_losses(model, x0, noise, timesteps, abar, config).mean()
+        loss = diffusion_losses(model, x0, noise, timesteps, abar, config.prediction_type, config.loss_weighting).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -128,7 +130,9 @@ def _free_port() -> int:
 
 
 def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    common = [*FAST, "--max_train_steps", "4", "--checkpointing_steps", "4"]
+    # Conditional, loss-aware and validated: every path that gathers across processes is taken.
+    common = [*FAST, "--max_train_steps", "4", "--checkpointing_steps", "4", "--class_conditional", "--timestep_sampling", "loss_aware",
+              "--validation_split", "0.01", "--validation_steps", "2"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
               "train_ddpm.py", *common, "--train_batch_size", "4", "--output_dir", str(tmp_path / "two")]
@@ -145,6 +149,11 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     # Data, noise and timesteps are drawn for the global batch, so only float reduction order differs.
     _assert_same_weights(_weights(two / "checkpoints/checkpoint-4/model.safetensors"), _weights(tmp_path / "one/checkpoints/checkpoint-4/model.safetensors"), atol=1e-5)
     _assert_same_weights(_weights(two / "unet/diffusion_pytorch_model.safetensors"), _weights(tmp_path / "one/unet/diffusion_pytorch_model.safetensors"), atol=1e-5)
+    # The validation set of 50 is split 25 + 25 over the processes and gathered back whole.
+    validation = [[json.loads(x)["val_loss"] for x in (run / "validation.jsonl").read_text().splitlines()] for run in (two, tmp_path / "one")]
+    assert len(validation[0]) == 2 and validation[0] == pytest.approx(validation[1], rel=1e-5)
+    sampler_states = [torch.load(run / "checkpoints/checkpoint-4/custom_checkpoint_2.pkl", weights_only=False)["sampler_state"] for run in (two, tmp_path / "one")]
+    assert torch.equal(sampler_states[0]["counts"], sampler_states[1]["counts"]) and sampler_states[0]["counts"].sum() == 32
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -168,9 +177,10 @@ def cifar10_shaped_folder(tmp_path):
 
 def test_rgb_cifar10_layout_trains_in_bf16_and_saves_an_rgb_pipeline(tmp_path, cifar10_shaped_folder):
     out = tmp_path / "out"
-    result = run_train([*FAST, "--dataset_name", str(cifar10_shaped_folder), "--mixed_precision", "bf16", "--output_dir", str(out)])
+    result = run_train([*FAST, "--dataset_name", str(cifar10_shaped_folder), "--mixed_precision", "bf16", "--validation_split", "test", "--output_dir", str(out)])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "examples: 16 " in result.stdout and "32x32x3" in result.stdout and "precision: bf16" in result.stdout
+    assert "validation: 4 " in result.stdout  # the dataset's own test split
     config = json.loads((out / "train_stats.json").read_text())
     assert config["mixed_precision"] == "bf16" and config["config"]["random_flip"] is None  # None = on for RGB
     pipeline = DDPMPipeline.from_pretrained(str(out))
@@ -184,6 +194,43 @@ def test_streaming_trains_and_records_its_position(tmp_path):
     assert stats["images_seen"] == 16
     progress = torch.load(tmp_path / "s/checkpoints/checkpoint-4/custom_checkpoint_2.pkl", weights_only=False)
     assert progress["step"] == 4 and progress["data_state"] == {"epoch": 0, "consumed": 16}
+
+
+def test_loss_aware_sampler_state_is_restored_on_resume(tmp_path):
+    # T = 4 so that every timestep has its 10 losses within the first few steps.
+    loss_aware = dict(timestep_sampling="loss_aware", ddpm_num_steps=4, gradient_accumulation_steps=1, train_batch_size=16, max_train_steps=10)
+    train(_config(tmp_path / "straight", **loss_aware, checkpointing_steps=10))
+    train(_config(tmp_path / "split", **{**loss_aware, "max_train_steps": 5}, checkpointing_steps=5))
+    train(_config(tmp_path / "split", **loss_aware, checkpointing_steps=5, resume_from_checkpoint="latest"))
+    states = [torch.load(tmp_path / run / "checkpoints/checkpoint-10/custom_checkpoint_2.pkl", weights_only=False)["sampler_state"] for run in ("straight", "split")]
+    at_5 = torch.load(tmp_path / "split/checkpoints/checkpoint-5/custom_checkpoint_2.pkl", weights_only=False)["sampler_state"]
+    assert (at_5["counts"] == 10).all(), "the sampler should be past its warm-up at the checkpoint"
+    assert torch.equal(states[0]["losses"], states[1]["losses"]) and torch.equal(states[0]["counts"], states[1]["counts"])
+    _assert_same_weights(_weights(tmp_path / "straight/checkpoints/checkpoint-10/model.safetensors"),
+                         _weights(tmp_path / "split/checkpoints/checkpoint-10/model.safetensors"), atol=1e-6)
+
+
+def test_class_conditional_training_saves_a_guided_pipeline_and_draws_one_row_per_class(tmp_path):
+    out = tmp_path / "cond"
+    result = run_train([*FAST, "--class_conditional", "--eval_batch_size", "20", "--save_images_steps", "4", "--output_dir", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "10 classes + null" in result.stdout
+    assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ClassConditionalDDPMPipeline"
+    grid = PIL.Image.open(out / "samples/step_0000004.png")
+    assert grid.size == (2 + 2 * 30, 2 + 10 * 30)  # 20 images: 10 rows (one per digit) of 2
+
+    pipeline = ClassConditionalDDPMPipeline.from_pretrained(str(out))
+    pipeline.set_progress_bar_config(disable=True)
+    assert pipeline.num_classes == 10 and pipeline.unet.config.num_class_embeds == 11
+    images = pipeline([0, 7, 9], guidance_scale=3.0, num_inference_steps=3, generator=torch.Generator().manual_seed(0), output_type="np").images
+    assert images.shape == (3, 28, 28, 1)
+
+    # The labels reached the network: class embeddings moved from their initial values.
+    config = TrainingConfig(class_conditional=True)
+    torch.manual_seed(config.seed)
+    initial = build_unet(unet_config(config, 1, 28, num_class_embeds=11)).class_embedding.weight
+    moved = (pipeline.unet.class_embedding.weight - initial).abs().amax(dim=1) > 0
+    assert moved.sum() >= 5, moved
 
 
 def test_checkpoint_rotation_keeps_the_newest(tmp_path):

@@ -1,0 +1,83 @@
+"""The class-conditional pipeline: guidance arithmetic, schedulers, save and load."""
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+
+from ddpm_hf.config import TrainingConfig
+from ddpm_hf.models import build_unet, unet_config
+from ddpm_hf.pipeline import ClassConditionalDDPMPipeline, guided_prediction, null_class_label
+from ddpm_hf.training import conditioning_labels
+
+NUM_CLASSES = 3
+
+
+@pytest.fixture(scope="module")
+def unet():
+    torch.manual_seed(0)
+    model = build_unet(unet_config(TrainingConfig(), channels=1, resolution=16, num_class_embeds=NUM_CLASSES + 1)).eval()
+    # A fresh class embedding is random already; scale it so the classes clearly differ.
+    with torch.no_grad():
+        model.class_embedding.weight.mul_(5)
+    return model
+
+
+def _inputs():
+    generator = torch.Generator().manual_seed(1)
+    return torch.randn(4, 1, 16, 16, generator=generator), torch.tensor([3, 400, 700, 999]), torch.tensor([0, 1, 2, 1])
+
+
+@torch.no_grad()
+def test_guidance_scale_one_is_the_conditional_prediction_and_zero_the_unconditional(unet):
+    x, t, labels = _inputs()
+    conditional = unet(x, t, class_labels=labels).sample
+    unconditional = unet(x, t, class_labels=torch.full_like(labels, NUM_CLASSES)).sample
+    assert null_class_label(unet) == NUM_CLASSES
+    assert torch.equal(guided_prediction(unet, x, t, labels, 1.0), conditional)
+    assert torch.allclose(guided_prediction(unet, x, t, labels, 0.0), unconditional, atol=1e-5)
+    expected = unconditional + 3.0 * (conditional - unconditional)
+    assert torch.allclose(guided_prediction(unet, x, t, labels, 3.0), expected, atol=1e-4)
+    assert not torch.allclose(conditional, unconditional, atol=1e-3)  # the label matters
+
+
+def test_training_replaces_dropped_labels_by_the_null_class():
+    labels = torch.tensor([0, 1, 2, 1])
+    dropped = conditioning_labels(labels, torch.tensor([False, True, False, True]), null_label=NUM_CLASSES)
+    assert dropped.tolist() == [0, NUM_CLASSES, 2, NUM_CLASSES]
+
+
+@pytest.mark.parametrize("scheduler_class", [DDPMScheduler, DDIMScheduler, DPMSolverMultistepScheduler])
+def test_the_pipeline_round_trips_and_samples_with_each_scheduler(unet, tmp_path, scheduler_class):
+    pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler_class(num_train_timesteps=1000))
+    pipeline.set_progress_bar_config(disable=True)
+    pipeline.save_pretrained(tmp_path, safe_serialization=True)
+    loaded = ClassConditionalDDPMPipeline.from_pretrained(str(tmp_path))
+    loaded.set_progress_bar_config(disable=True)
+    assert type(loaded.scheduler) is scheduler_class and loaded.num_classes == NUM_CLASSES
+
+    def draw(p, scale):
+        return p([0, 2], guidance_scale=scale, generator=torch.Generator().manual_seed(0), num_inference_steps=4, output_type="np").images
+
+    images = draw(pipeline, 2.0)
+    assert images.shape == (2, 16, 16, 1) and (0 <= images).all() and (images <= 1).all()
+    assert (draw(loaded, 2.0) == images).all()  # same weights, same seed, same images
+    assert not (draw(loaded, 1.0) == images).all()  # the guidance scale matters
+
+
+def test_ddim_eta_reaches_the_scheduler(unet):
+    pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000))
+    pipeline.set_progress_bar_config(disable=True)
+
+    def draw(eta):
+        return pipeline(1, generator=torch.Generator().manual_seed(0), num_inference_steps=4, eta=eta, output_type="pt").images
+
+    assert torch.equal(draw(0.0), draw(0.0))
+    assert not torch.equal(draw(0.0), draw(1.0))
+
+
+def test_bad_class_labels_are_refused(unet):
+    pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=DDPMScheduler(num_train_timesteps=1000))
+    with pytest.raises(ValueError, match=r"0\.\.2"):
+        pipeline([NUM_CLASSES], num_inference_steps=1)  # the null class is not a class to draw
+    with pytest.raises(ValueError, match="guidance_scale"):
+        pipeline([0], guidance_scale=-1, num_inference_steps=1)
