@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from typing import Callable
 
@@ -18,3 +19,10 @@ def run_command(command: Callable[[], object]) -> int:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return USER_ERROR_EXIT
     return 0
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """argparse prints usage plus an error and exits 2; we want one line without the usage block."""
+
+    def error(self, message):
+        raise UserError(f"{message} (see --help)")

@@ -60,3 +60,19 @@ def plot_timestep_profile(profile: list[dict], path: str, step: int) -> None:
     axis.set_title(f"validation loss per timestep, step {step}")
     axis.grid(True, which="both", axis="y", alpha=0.3)
     _save(figure, path)
+
+
+def plot_sampler_comparison(rows: list[dict], path: str, extractor: str) -> None:
+    """FID against seconds per image, one line per sampler, each point labelled with its step count."""
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    for sampler in dict.fromkeys(r["sampler"] for r in rows):
+        mine = [r for r in rows if r["sampler"] == sampler]
+        axis.plot([r["seconds_per_image"] for r in mine], [r["fid"] for r in mine], "o-", label=sampler)
+        for r in mine:
+            axis.annotate(str(r["steps"]), (r["seconds_per_image"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    axis.set_xscale("log")
+    axis.set_xlabel("seconds per image (log)")
+    axis.set_ylabel(f"FID ({extractor})")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    _save(figure, path)
