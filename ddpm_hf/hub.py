@@ -53,3 +53,114 @@ def check_dataset_on_hub(repo_id: str, timeout: float = 5.0) -> None:
     except (urllib.error.URLError, TimeoutError, OSError, ValueError) as e:
         reason = getattr(e, "reason", e)
         raise UserError(f"cannot reach the Hugging Face Hub at {hub_endpoint()} ({reason}); {OFFLINE_HINT}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Pushing a run: the final pipeline with a model card, and checkpoints in the background
+# ----------------------------------------------------------------------------------------------
+# What a pushed run holds: the pipeline, the card and the run's record; not checkpoints (pushed
+# separately with --push_checkpoints), TensorBoard logs, or the evaluation cache.
+PUSHED_PATTERNS = ["README.md", "model_index.json", "unet/*", "scheduler/*", "training_config.json", "train_stats.json",
+                   "metrics.jsonl", "validation.jsonl", "loss_curve.png", "diagnostics/*", "best/**", "evaluation/*"]
+
+
+class HubPusher:
+    """Creates the model repo at the start of a run (so a bad token or name fails in seconds, not
+    after hours of training), pushes checkpoints without blocking training, and the final run."""
+
+    def __init__(self, repo_id: str, token: str | None, private: bool):
+        from huggingface_hub import HfApi
+
+        self.api = HfApi(endpoint=hub_endpoint(), token=token)
+        try:
+            self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+        except Exception as e:  # HfHubHTTPError, connection errors, ...: all about the user's setup
+            raise UserError(f"cannot create or open the Hub repo '{repo_id}' at {hub_endpoint()}: {_first_line(e)}; "
+                            "check --hub_model_id and your token (`hf auth login` or --hub_token)") from None
+        self.pending = []  # futures of checkpoint uploads
+
+    def push_checkpoint_in_background(self, checkpoint: str, staging_root: str) -> None:
+        """Upload a checkpoint from a hard-linked copy, so rotation can delete the original meanwhile."""
+        import shutil
+
+        staging = os.path.join(staging_root, os.path.basename(checkpoint))
+        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            shutil.copytree(checkpoint, staging, copy_function=os.link)
+        except OSError:  # another file system: a real copy
+            shutil.rmtree(staging, ignore_errors=True)
+            shutil.copytree(checkpoint, staging)
+        future = self.api.upload_folder(repo_id=self.repo_id, folder_path=staging, path_in_repo=f"checkpoints/{os.path.basename(checkpoint)}",
+                                        commit_message=f"Checkpoint {os.path.basename(checkpoint)}", run_as_future=True)
+        future.add_done_callback(lambda _: shutil.rmtree(staging, ignore_errors=True))
+        self.pending.append(future)
+
+    def wait_for_checkpoints(self) -> list[str]:
+        """Wait for the background uploads; the messages of those that failed."""
+        failures = []
+        for future in self.pending:
+            error = future.exception()
+            if error is not None:
+                failures.append(_first_line(error))
+        self.pending = []
+        return failures
+
+    def push_run(self, output_dir: str, commit_message: str, extra_files: tuple[str, ...] = ()) -> str:
+        """Upload the pipeline, the card and the run's record (plus ``extra_files``, relative paths) in one commit."""
+        try:
+            info = self.api.upload_folder(repo_id=self.repo_id, folder_path=output_dir, allow_patterns=[*PUSHED_PATTERNS, *extra_files],
+                                          commit_message=commit_message)
+        except Exception as e:
+            raise UserError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {_first_line(e)}; "
+                            f"push it later with `hf upload {self.repo_id} {output_dir}`") from None
+        return getattr(info, "commit_url", str(info))
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
+
+
+def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None) -> str:
+    """README.md for the Hub: metadata (library diffusers, tags, dataset), usage, samples, loss curve, the config."""
+    from huggingface_hub import ModelCardData
+
+    conditional = bool(config.get("class_conditional"))
+    dataset = config.get("dataset_name")
+    hub_dataset = dataset if dataset and "/" in dataset and not os.path.exists(dataset) and not config.get("train_data_dir") else None
+    tags = ["pytorch", "diffusers", "ddpm", "ddpm-hf", "image-generation"]
+    tags += ["class-conditional", "classifier-free-guidance"] if conditional else ["unconditional-image-generation"]
+    card_data = ModelCardData(library_name="diffusers", tags=tags, datasets=[hub_dataset] if hub_dataset else None,
+                              pipeline_tag="unconditional-image-generation")
+    if conditional:
+        usage = ("from ddpm_hf.pipeline import ClassConditionalDDPMPipeline  # the ddpm_hf package that trained it\n\n"
+                 f"pipeline = ClassConditionalDDPMPipeline.from_pretrained(\"{repo_id}\")\n"
+                 "images = pipeline(class_labels=[0, 1, 2, 3], guidance_scale=2.0, num_inference_steps=250).images")
+    else:
+        usage = ("from diffusers import DDPMPipeline\n\n"
+                 f"pipeline = DDPMPipeline.from_pretrained(\"{repo_id}\")\n"
+                 "images = pipeline(batch_size=16, num_inference_steps=1000).images")
+    source = config.get("train_data_dir") or dataset
+    lines = [
+        f"---\n{card_data.to_yaml()}\n---",
+        f"# {repo_id}",
+        "",
+        f"A {'class-conditional ' if conditional else ''}denoising diffusion probabilistic model (Ho et al. 2020) trained with "
+        f"ddpm-hf on `{source}`: {stats.get('steps')} optimizer steps, {stats.get('images_seen')} images, "
+        f"UNet preset `{config.get('model_preset')}` ({(stats.get('parameters') or 0) / 1e6:.2f}M parameters), "
+        f"{config.get('prediction_type')} prediction, EMA weights.",
+        "",
+        "## Usage",
+        "",
+        "```python",
+        usage,
+        "```",
+        "",
+    ]
+    if sample_grid:
+        lines += ["## Samples", "", f"![samples]({sample_grid})", ""]
+    lines += ["## Training loss", "", "![loss curve](loss_curve.png)", ""]
+    results = {k: stats.get(k) for k in ("final_loss_smoothed", "final_val_loss", "best_val_loss", "images_per_s", "train_time_s", "device", "mixed_precision")}
+    lines += ["## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in results.items() if v is not None] + [""]
+    lines += ["## Training configuration", "", "| option | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(config.items()) if k != "hub_token"]
+    return "\n".join(lines) + "\n"

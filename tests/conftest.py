@@ -83,3 +83,90 @@ def loopback_hub():
     yield start
     for server in servers:
         server.shutdown()
+
+
+class RecordingHub:
+    """What a loopback stand-in for the Hub was asked to do: repos created and files committed."""
+
+    def __init__(self):
+        self.created: list[dict] = []
+        self.commits: list[dict] = []  # {"repo", "summary", "files": {path: bytes}}
+        self.authorizations: set[str] = set()
+        self.unknown: list[str] = []
+        self.validated_cards: list = []
+        self.lock = threading.Lock()
+
+
+@pytest.fixture
+def recording_hub():
+    """A loopback HTTP server answering the calls `huggingface_hub` makes to create a repo and
+    commit files (preupload says "regular" for every file, so contents arrive inline, base64, in
+    the commit's NDJSON). Yields (endpoint URL, RecordingHub); set ``refuse_create`` on the record
+    to answer 401 to repo creation."""
+    import base64
+    import json
+
+    record = RecordingHub()
+    record.refuse_create = False
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _reply(self, status: int, payload: dict) -> None:
+            body = json.dumps(payload).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            with record.lock:
+                record.authorizations.add(self.headers.get("Authorization", ""))
+            endpoint = f"http://127.0.0.1:{self.server.server_address[1]}"
+            if self.path == "/api/repos/create":
+                if record.refuse_create:
+                    return self._reply(401, {"error": "Invalid credentials in Authorization header"})
+                payload = json.loads(body)
+                with record.lock:
+                    record.created.append(payload)
+                repo = f"{payload.get('organization') or 'local-user'}/{payload['name']}"
+                return self._reply(200, {"url": f"{endpoint}/{repo}", "name": repo})
+            if self.path == "/api/validate-yaml":  # the model card's front matter must parse, as the Hub checks
+                import yaml
+
+                content = json.loads(body)["content"]
+                try:
+                    metadata = yaml.safe_load(content.split("---")[1]) if content.startswith("---") else None
+                except yaml.YAMLError as e:
+                    return self._reply(400, {"errors": [{"message": str(e)}]})
+                with record.lock:
+                    record.validated_cards.append(metadata)
+                return self._reply(200, {"warnings": []})
+            parts = self.path.split("/")  # /api/models/<ns>/<name>/(preupload|commit)/<revision>
+            if len(parts) == 7 and parts[1:3] == ["api", "models"] and parts[5] == "preupload":
+                files = json.loads(body)["files"]
+                return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]})
+            if len(parts) == 7 and parts[1:3] == ["api", "models"] and parts[5] == "commit":
+                lines = [json.loads(line) for line in body.decode().splitlines() if line.strip()]
+                header = next(line["value"] for line in lines if line["key"] == "header")
+                files = {line["value"]["path"]: base64.b64decode(line["value"]["content"]) for line in lines if line["key"] == "file"}
+                with record.lock:
+                    record.commits.append({"repo": f"{parts[3]}/{parts[4]}", "summary": header.get("summary"), "files": files})
+                oid = f"{len(record.commits):040x}"
+                return self._reply(200, {"commitUrl": f"{endpoint}/{parts[3]}/{parts[4]}/commit/{oid}", "commitOid": oid})
+            with record.lock:
+                record.unknown.append(f"POST {self.path}")
+            self._reply(404, {"error": "not implemented by the loopback Hub"})
+
+        def do_GET(self):
+            with record.lock:
+                record.unknown.append(f"GET {self.path}")
+            self._reply(404, {"error": "not implemented by the loopback Hub"})
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", record
+    server.shutdown()
