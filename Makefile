@@ -9,6 +9,8 @@ PY := $(VENV)/bin/python
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check -r requirements-dev.txt
+	# torch-fidelity's Inception-v3 needs only torch; its torchvision requirement would pull a CUDA torch.
+	$(PY) -m pip install --quiet --disable-pip-version-check --no-deps torch-fidelity==0.4.0
 	touch $@
 
 setup: $(VENV)/.installed

@@ -119,9 +119,20 @@ class TrainingConfig:
     guidance_scale: float = _arg(
         2.0, "Classifier-free guidance scale for the grids of a --class_conditional run: eps_uncond + s (eps_cond - eps_uncond); 1 = purely conditional."
     )
+    eval_steps: int = _arg(0, "Every N steps (and at the end), sample --eval_num_samples images and log FID and classifier scores; 0 = never.")
+    eval_num_samples: int = _arg(200, "Images drawn for each --eval_steps evaluation (sampler as for the grids); keep it small, it runs inside training.")
+    eval_extractor: Literal["digits", "inception"] = _arg("digits", "Features for --eval_steps: the offline digit classifier, or Inception-v3 (needs --inception_weights).")
+    inception_weights: Optional[str] = _arg(None, "Local torch-fidelity Inception-v3 weights file (cannot be downloaded here).")
     checkpointing_steps: int = _arg(500, "Save a resumable checkpoint every N steps (and at the end); 0 = only at the end.")
     checkpoints_total_limit: Optional[int] = _arg(3, "Keep at most this many checkpoints (oldest removed first).")
     resume_from_checkpoint: Optional[str] = _arg(None, "'latest' or a checkpoint folder: continue that run exactly.")
+
+    # ----- Hub -----
+    push_to_hub: bool = _arg(False, "Push the final pipeline with a model card to the Hub (the repo is created at the start).")
+    hub_model_id: Optional[str] = _arg(None, "Hub repo id ('name' or 'user/name'); default: the output_dir's folder name.")
+    hub_token: Optional[str] = _arg(None, "Hub token; default: HF_TOKEN or the one saved by `hf auth login`. Never written to disk.")
+    hub_private_repo: bool = _arg(False, "Create the Hub repo as private.")
+    push_checkpoints: bool = _arg(False, "With --push_to_hub: also push each checkpoint, in the background, to checkpoints/ in the repo.")
 
     def __post_init__(self):
         _check_literals(self)
@@ -134,7 +145,7 @@ class TrainingConfig:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be a positive integer when given, got {value}")
-        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed", "validation_steps"]:
+        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed", "validation_steps", "eval_steps"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if not 0 < self.learning_rate <= 1:
@@ -159,6 +170,10 @@ class TrainingConfig:
                 raise UserError(f"--validation_split as a fraction must be in (0, 1), got {self.validation_split}; or name a split such as test")
         if self.early_stopping_patience is not None and self.validation_split is None:
             raise UserError("--early_stopping_patience needs a validation loss: add --validation_split (a fraction such as 0.1, or a split name)")
+        if self.eval_num_samples < 2:
+            raise UserError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {self.eval_num_samples}")
+        if self.push_checkpoints and not self.push_to_hub:
+            raise UserError("--push_checkpoints needs --push_to_hub")
         if self.num_inference_steps is not None and self.num_inference_steps > self.ddpm_num_steps:
             raise UserError(f"--num_inference_steps ({self.num_inference_steps}) cannot exceed --ddpm_num_steps ({self.ddpm_num_steps})")
 
@@ -177,8 +192,13 @@ class TrainingConfig:
             return self.num_inference_steps
         return self.ddpm_num_steps if self.sampler == "ddpm" else min(50, self.ddpm_num_steps)
 
+    @property
+    def hub_repo_id(self) -> str:
+        return self.hub_model_id or os.path.basename(os.path.normpath(self.output_dir))
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Every field, except the secret hub_token: this is what is saved and pushed."""
+        return {**dataclasses.asdict(self), "hub_token": None}
 
     def save(self, path: str) -> None:
         with open(path, "w") as f:

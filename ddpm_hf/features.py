@@ -148,7 +148,7 @@ def classifier_scores(probabilities: torch.Tensor) -> dict:
     histogram = torch.bincount(probabilities.argmax(dim=1), minlength=num_classes).double() / len(probabilities)
     nonzero = histogram[histogram > 0]
     return {
-        "class_entropy_bits": float(-(nonzero * nonzero.log2()).sum()),
+        "class_entropy_bits": max(0.0, float(-(nonzero * nonzero.log2()).sum())),
         "max_entropy_bits": math.log2(num_classes),
         "mean_confidence": float(probabilities.max(dim=1).values.mean()),
         "class_histogram": histogram.tolist(),

@@ -11,6 +11,7 @@ import torch
 
 METRICS_FILE = "metrics.jsonl"
 VALIDATION_FILE = "validation.jsonl"
+EVALUATION_FILE = "evaluation.jsonl"
 
 
 class MetricsLog:

@@ -29,19 +29,23 @@ from .config import TrainingConfig
 from .data import InMemoryImages, StreamingImages, load_data, to_model_input
 from .diagnostics import write_diagnostics_at_start, write_timestep_profile
 from .errors import UserError
-from .metrics import VALIDATION_FILE, MetricsLog, peak_memory_bytes, smooth
+from .evaluate import DEFAULT_CACHE, Evaluator
+from .hub import HubPusher, model_card
+from .metrics import EVALUATION_FILE, VALIDATION_FILE, MetricsLog, peak_memory_bytes, smooth
 from .models import build_noise_scheduler, build_unet, count_parameters, unet_config
 from .objective import diffusion_losses, sample_timesteps
 from .plots import plot_loss_curve
 from .resample import LossSecondMomentSampler
+from .sample import draw_images
 from .sampling import class_grid_labels, generate, image_grid, pipeline_for, sampling_pipeline
 from .seeds import derive_seed
 from .validation import EarlyStopping, ValidationSet, make_validation_set, timestep_profile, validation_losses
 
+HUB_STAGING = ".hub-staging"  # hard-linked copies of checkpoints while they upload
 # Files and folders a run writes into output_dir (removed by --overwrite_output_dir).
 RUN_OUTPUTS = (
-    "training_config.json", "train_stats.json", "metrics.jsonl", VALIDATION_FILE, "loss_curve.png", "model_index.json",
-    "unet", "scheduler", "samples", "logs", "diagnostics", "best", checkpoints.CHECKPOINTS,
+    "training_config.json", "train_stats.json", "metrics.jsonl", VALIDATION_FILE, EVALUATION_FILE, "loss_curve.png", "model_index.json",
+    "unet", "scheduler", "samples", "logs", "diagnostics", "best", "README.md", HUB_STAGING, checkpoints.CHECKPOINTS,
 )
 BEST = "best"
 
@@ -292,6 +296,18 @@ def save_pipeline_atomically(pipeline, folder: str, extra: dict | None = None) -
     os.replace(partial, folder)
 
 
+def run_evaluation(evaluator: Evaluator, sampling_unet: UNet2DModel, noise_scheduler, config: TrainingConfig, num_classes: int | None) -> dict:
+    """FID and classifier scores of --eval_num_samples images drawn as for the grids (EMA weights)."""
+    started = time.perf_counter()
+    pipeline = sampling_pipeline(sampling_unet, noise_scheduler, config.sampler)
+    labels = torch.arange(config.eval_num_samples) % num_classes if config.class_conditional else None
+    images = draw_images(pipeline, config.eval_num_samples, config.eval_batch_size, config.grid_inference_steps, config.seed,
+                         class_labels=labels, guidance_scale=config.guidance_scale, progress=False)
+    score = evaluator.score(images)
+    keep = ("fid", "mean_confidence", "class_entropy_bits")
+    return {**{k: score[k] for k in keep if k in score}, "eval_seconds": time.perf_counter() - started}
+
+
 def run_validation(sampling_unet: UNet2DModel, validation: ValidationSet, alphas_cumprod: torch.Tensor, config: TrainingConfig, accelerator) -> tuple[float, list[dict]]:
     """(mean validation loss, per-timestep profile) of the sampling weights (EMA when on): the
     model that the grids, best/ and the final pipeline use. The same on every process."""
@@ -350,6 +366,9 @@ def train(config: TrainingConfig) -> dict:
         if state is not None:
             accelerator.register_for_checkpointing(state)
 
+    # Create the Hub repo now: a bad token or name should fail in seconds, not after hours of training.
+    pusher = HubPusher(config.hub_repo_id, config.hub_token, config.hub_private_repo) if config.push_to_hub and accelerator.is_main_process else None
+
     # --- resume ---
     metrics = MetricsLog(config.output_dir)
     validation_log = MetricsLog(config.output_dir, VALIDATION_FILE)
@@ -365,8 +384,8 @@ def train(config: TrainingConfig) -> dict:
             sampler.load_state_dict(progress.sampler_state)
         early_stopping.load_state_dict(progress.early_stopping)
         if accelerator.is_main_process:
-            metrics.truncate_after(progress.step)
-            validation_log.truncate_after(progress.step)
+            for log in (metrics, validation_log, MetricsLog(config.output_dir, EVALUATION_FILE)):
+                log.truncate_after(progress.step)
         accelerator.print(f"resumed from {resume_path} at step {progress.step}")
     elif config.resume_from_checkpoint == "latest":
         accelerator.print(f"no checkpoint under {checkpoints.checkpoints_root(config.output_dir)} yet: starting from step 0")
@@ -374,6 +393,12 @@ def train(config: TrainingConfig) -> dict:
         config.save(os.path.join(config.output_dir, "training_config.json"))
         if progress.step == 0:
             write_diagnostics_at_start(config.output_dir, noise_scheduler.betas, alphas_cumprod, data.preview(4), config.seed)
+
+    evaluator = None
+    if config.eval_steps and accelerator.is_main_process:
+        evaluator = Evaluator.build(config, data.channels, data.resolution, config.eval_extractor, os.environ.get("DDPM_HF_CACHE", DEFAULT_CACHE),
+                                    config.inception_weights, seed=config.seed, device=device)
+    evaluation_log = MetricsLog(config.output_dir, EVALUATION_FILE)
 
     # Every process holds a sampling copy: validation runs on all of them.
     sampling_unet = UNet2DModel.from_config(unet.config).to(device)
@@ -448,6 +473,12 @@ def train(config: TrainingConfig) -> dict:
             progress_bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
 
         with interval.paused():
+            if evaluator is not None and (progress.step % config.eval_steps == 0 or done):
+                scores = run_evaluation(evaluator, weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, data.num_classes)
+                evaluation_log.append({"step": progress.step, "images_seen": progress.images_seen, **scores})
+                if config.report_to != "none":
+                    accelerator.log({f"eval_{k}": v for k, v in scores.items()}, step=progress.step)
+                say(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             if accelerator.is_main_process and ((config.save_images_steps and progress.step % config.save_images_steps == 0) or done):
                 write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step, data.num_classes)
             if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done:
@@ -456,6 +487,8 @@ def train(config: TrainingConfig) -> dict:
                 progress.early_stopping = early_stopping.state_dict()
                 path = checkpoints.save_checkpoint(accelerator, config.output_dir, progress.step, run_info, config.checkpoints_total_limit)
                 say(f"saved checkpoint {path}")
+                if pusher is not None and config.push_checkpoints:
+                    pusher.push_checkpoint_in_background(path, os.path.join(config.output_dir, HUB_STAGING))
     progress_bar.close()
 
     # --- finish: the pipeline, the curve, the statistics ---
@@ -488,6 +521,15 @@ def train(config: TrainingConfig) -> dict:
             "unet_config": dict(unet_values),
         }
         _write_json(os.path.join(config.output_dir, "train_stats.json"), stats)
+        last_grid = f"samples/step_{progress.step:07d}.png"
+        last_grid = last_grid if os.path.isfile(os.path.join(config.output_dir, last_grid)) else None
+        with open(os.path.join(config.output_dir, "README.md"), "w") as f:
+            f.write(model_card(pusher.repo_id if pusher else config.hub_repo_id, config.to_dict(), stats, last_grid))
+        if pusher is not None:
+            for failure in pusher.wait_for_checkpoints():
+                say(f"warning: a checkpoint upload failed: {failure}")
+            url = pusher.push_run(config.output_dir, f"Training run: {progress.step} steps", (last_grid,) if last_grid else ())
+            accelerator.print(f"pushed to the Hub: {url}")
         accelerator.print(
             f"done: {progress.step} steps, {progress.images_seen} images in {stats['wall_time_s']:.0f} s "
             f"({stats['images_per_s']} images/s), smoothed loss {stats['final_loss_smoothed']}; pipeline saved to {config.output_dir}"

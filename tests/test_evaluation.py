@@ -231,3 +231,14 @@ def test_evaluator_scores_real_digits_better_than_noise(tmp_path):
     real_score, noise_score = evaluator.score(real), evaluator.score(noise_images(500, 1, 28, seed=0))
     assert real_score["fid"] * 10 < noise_score["fid"]
     assert real_score["mean_confidence"] > noise_score["mean_confidence"] and real_score["class_entropy_bits"] > 3.1
+
+
+def test_training_logs_fid_and_classifier_scores_every_eval_steps(tmp_path, monkeypatch):
+    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "run"
+    train(TrainingConfig(output_dir=str(out), max_train_steps=4, train_batch_size=8, report_to="none", save_images_steps=0, checkpointing_steps=0,
+                         eval_batch_size=8, num_inference_steps=2, eval_steps=2, eval_num_samples=8, max_train_samples=600))
+    rows = [json.loads(line) for line in (out / "evaluation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2, 4]
+    assert all(r["fid"] > 0 and 0 < r["mean_confidence"] <= 1 and r["class_entropy_bits"] >= 0 and r["eval_seconds"] > 0 for r in rows)
+    assert list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))  # the classifier is trained once and kept
