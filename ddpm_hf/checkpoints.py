@@ -5,8 +5,10 @@ weights in safetensors, optimizer, grad scaler, RNG states of every process, and
 objects: EMA, lr scheduler, training progress) plus ``run_info.json``: the training config and
 the resolved UNet config, so a resume with another architecture or schedule is refused.
 
-A checkpoint is written into ``.tmp-checkpoint-<step>`` and renamed only once complete, so a
-crash mid-write never leaves a folder that looks like a checkpoint.
+A checkpoint is written into ``.tmp-checkpoint-<step>``, flushed to disk, and renamed only once
+complete, so a crash mid-write never leaves a folder that looks like a checkpoint. A resume
+checks each candidate's files before loading it; an incomplete or corrupt one is reported and
+skipped (never loaded, never deleted), and the next older one is tried.
 """
 
 from __future__ import annotations
@@ -40,6 +42,36 @@ def checkpoints_root(output_dir: str) -> str:
     return os.path.join(output_dir, CHECKPOINTS)
 
 
+def checkpoint_problem(path: str) -> str | None:
+    """Why ``path`` cannot be resumed from (missing, empty or unreadable files), or None if it looks whole."""
+    try:
+        info = read_run_info(path)
+    except FileNotFoundError:
+        return f"no {RUN_INFO} (an interrupted save)"
+    except (OSError, ValueError) as e:
+        return f"{RUN_INFO} is unreadable ({e})"
+    names = set(os.listdir(path))
+    weights = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".bin"))]
+    if not weights:
+        return "no model weights"
+    required = ["optimizer.bin", "random_states_0.pkl"] + [f"custom_checkpoint_{i}.pkl" for i in range(info.get("custom_objects", 0))]
+    for name in required + weights:
+        if name not in names:
+            return f"{name} is missing"
+        if os.path.getsize(os.path.join(path, name)) == 0:
+            return f"{name} is empty"
+    for name in weights:
+        if name.endswith(".safetensors"):
+            try:
+                from safetensors import safe_open
+
+                with safe_open(os.path.join(path, name), framework="pt") as f:
+                    f.keys()
+            except Exception as e:  # safetensors reports a truncated or garbled file in several ways
+                return f"{name} is corrupt ({str(e).splitlines()[0]})"
+    return None
+
+
 def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     """Complete checkpoints as (step, path), oldest first."""
     root = checkpoints_root(output_dir)
@@ -54,19 +86,33 @@ def list_checkpoints(output_dir: str) -> list[tuple[int, str]]:
     return sorted(found)
 
 
-def resolve_resume(resume_from_checkpoint: str | None, output_dir: str) -> str | None:
-    """The checkpoint folder to resume from: None to start fresh."""
+def resume_candidates(resume_from_checkpoint: str | None, output_dir: str) -> tuple[list[str], list[str]]:
+    """(checkpoint folders to try, newest first; reports of the ones skipped). Nothing to try: start fresh."""
     if resume_from_checkpoint is None:
-        return None
-    if resume_from_checkpoint == "latest":
-        found = list_checkpoints(output_dir)
-        return found[-1][1] if found else None
-    path = resume_from_checkpoint
-    if not os.path.isdir(path):
-        raise UserError(f"--resume_from_checkpoint {path} does not exist; pass 'latest' or a folder under {checkpoints_root(output_dir)}")
-    if not os.path.isfile(os.path.join(path, RUN_INFO)):
-        raise UserError(f"--resume_from_checkpoint {path} is not a complete ddpm-hf checkpoint (no {RUN_INFO})")
-    return path
+        return [], []
+    if resume_from_checkpoint != "latest":
+        path = resume_from_checkpoint
+        if not os.path.isdir(path):
+            raise UserError(f"--resume_from_checkpoint {path} does not exist; pass 'latest' or a folder under {checkpoints_root(output_dir)}")
+        problem = checkpoint_problem(path)
+        if problem:
+            raise UserError(f"--resume_from_checkpoint {path} cannot be resumed from: {problem}; pass 'latest' to take the newest complete one")
+        return [path], []
+    root = checkpoints_root(output_dir)
+    if not os.path.isdir(root):
+        return [], []
+    candidates, skipped = [], []
+    for name in sorted(os.listdir(root), key=lambda n: int(n.rsplit("-", 1)[-1]) if n.rsplit("-", 1)[-1].isdigit() else -1, reverse=True):
+        path = os.path.join(root, name)
+        if name.startswith(".tmp-checkpoint-"):
+            skipped.append(f"skipping {path}: an incomplete save (it is replaced when that step is saved again)")
+        elif _NAME.match(name):
+            problem = checkpoint_problem(path)
+            if problem:
+                skipped.append(f"skipping {path}: {problem}; it is left as it is")
+            else:
+                candidates.append(path)
+    return candidates, skipped
 
 
 def read_run_info(path: str) -> dict:
@@ -105,18 +151,43 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, run_in
         shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier attempt at this step
         os.makedirs(partial)
     accelerator.wait_for_everyone()
-    accelerator.save_state(partial)
-    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(partial)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            with open(os.path.join(partial, RUN_INFO), "w") as f:
+                json.dump({**run_info, "step": step, "custom_objects": len(accelerator._custom_objects)}, f, indent=2)
+            _flush_to_disk(partial)
+    except Exception as e:  # a full disk shows up as OSError, or as safetensors' or torch's own error types
+        shutil.rmtree(partial, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the newest complete checkpoint, {previous[-1][1]}, is intact" if previous else "no earlier checkpoint exists"
+        raise UserError(f"could not write the checkpoint for step {step} in {root} ({str(e).strip().splitlines()[0]}); {kept}; "
+                        "free some disk space and run the same command with --resume_from_checkpoint latest") from None
     if accelerator.is_main_process:
-        with open(os.path.join(partial, RUN_INFO), "w") as f:
-            json.dump({**run_info, "step": step}, f, indent=2)
-            f.flush()
-            os.fsync(f.fileno())
         if os.path.exists(final):  # re-saving the same step (a resumed run that ends where it began)
             shutil.rmtree(final)
         os.replace(partial, final)
+        _fsync_directory(root)
         if total_limit is not None:
             for _, old in list_checkpoints(output_dir)[:-total_limit]:
                 shutil.rmtree(old)
     accelerator.wait_for_everyone()
     return final
+
+
+def _fsync_directory(path: str) -> None:
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def _flush_to_disk(folder: str) -> None:
+    """fsync every file and the folder itself, so the rename that follows publishes complete data."""
+    for directory, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(directory, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_directory(directory)

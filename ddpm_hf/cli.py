@@ -16,8 +16,9 @@ def run_command(command: Callable[[], object]) -> int:
     try:
         command()
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return USER_ERROR_EXIT
+        interrupted = hasattr(e, "exit_status")  # a run stopped by a signal: a report, not an error
+        print(f"{'' if interrupted else 'error: '}{e}", file=sys.stderr, flush=True)
+        return e.exit_status if interrupted else USER_ERROR_EXIT
     return 0
 
 

@@ -99,6 +99,7 @@ class TrainingConfig:
         None, "Autocast precision (weights and optimizer stay fp32); default: what `accelerate launch` or its config file says, else no."
     )
     allow_tf32: bool = _arg(True, "Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
+    max_nonfinite_steps: int = _arg(10, "Stop with an error after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
     seed: int = _arg(0, "Seeds data order, noise, timesteps and sample grids; a resumed run repeats the uninterrupted one.")
 
     # ----- EMA -----
@@ -136,7 +137,8 @@ class TrainingConfig:
 
     def __post_init__(self):
         _check_literals(self)
-        positive = ["train_batch_size", "gradient_accumulation_steps", "num_epochs", "ddpm_num_steps", "eval_batch_size", "logging_steps"]
+        positive = ["train_batch_size", "gradient_accumulation_steps", "num_epochs", "ddpm_num_steps", "eval_batch_size", "logging_steps",
+                    "max_nonfinite_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")

@@ -13,6 +13,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -31,6 +32,7 @@ from .diagnostics import write_diagnostics_at_start, write_timestep_profile
 from .errors import UserError
 from .evaluate import DEFAULT_CACHE, Evaluator
 from .hub import HubPusher, model_card
+from .interrupts import Interrupted, StopRequest, stop_on_signals
 from .metrics import EVALUATION_FILE, VALIDATION_FILE, MetricsLog, peak_memory_bytes, smooth
 from .models import build_noise_scheduler, build_unet, count_parameters, unet_config
 from .objective import diffusion_losses, sample_timesteps
@@ -61,6 +63,7 @@ class TrainingProgress:
     data_state: dict = field(default_factory=dict)
     sampler_state: dict = field(default_factory=dict)
     early_stopping: dict = field(default_factory=dict)
+    nonfinite_streak: int = 0  # consecutive steps skipped for a non-finite loss or gradient
 
     def state_dict(self) -> dict:
         return asdict(self)
@@ -183,12 +186,21 @@ def conditioning_labels(labels: torch.Tensor, drop: torch.Tensor, null_label: in
     return torch.where(drop, torch.full_like(labels, null_label), labels)
 
 
+# Test hook: steps (comma-separated) whose loss is made NaN, to exercise the non-finite guard
+# through the real command line. Unset in normal use.
+FAULT_NONFINITE_STEPS = {int(s) for s in os.environ.get("DDPM_HF_FAULT_NONFINITE_STEPS", "").split(",") if s.strip()}
+
+
 def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config: TrainingConfig, step: int,
                       random_flip: bool, sampler: LossSecondMomentSampler | None = None) -> tuple:
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the EMA update.
 
-    Returns the mean loss and the gradient norm as device tensors (reading them would synchronise,
-    except that the loss-aware sampler must read every step's losses).
+    A non-finite loss, or a non-finite gradient without an fp16 grad scaler (which skips those
+    itself), skips the update: no optimizer step, no EMA update. Checking that reads one flag per
+    step on the host.
+
+    :returns: (mean loss, gradient norm) as device tensors, whether the update was applied, and
+      the last micro-batch's timesteps (for the report of a skipped step).
     """
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     accumulation = config.gradient_accumulation_steps
@@ -210,16 +222,21 @@ def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, da
                 sampler.update(draws.global_timesteps.cpu(), accelerator.gather(losses.detach()).cpu())
                 losses = losses * draws.weights  # importance weights keep the objective unbiased
             loss = losses.mean() / accumulation
+            if step in FAULT_NONFINITE_STEPS:
+                loss = loss * float("nan")
             accelerator.backward(loss)
         step_loss += loss.detach()
     # clip_grad_norm_ unscales fp16 gradients first; with clipping off it still measures the norm.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-    optimizer.step()
-    lr_scheduler.step()
+    has_scaler = accelerator.scaler is not None
+    finite = bool(torch.isfinite(step_loss)) and (has_scaler or bool(torch.isfinite(grad_norm)))
+    if finite:
+        optimizer.step()
+    lr_scheduler.step()  # the schedule follows the step count, applied or not
     optimizer.zero_grad(set_to_none=True)
-    if ema is not None and not accelerator.optimizer_step_was_skipped:
+    if finite and ema is not None and not accelerator.optimizer_step_was_skipped:
         ema.step(unet.parameters())
-    return step_loss, grad_norm.detach().float()
+    return step_loss, grad_norm.detach().float(), finite, draws.timesteps
 
 
 class LoggingInterval:
@@ -234,7 +251,7 @@ class LoggingInterval:
     def _restart(self) -> None:
         self.loss_sum.zero_()
         self.grad_norm_sum.zero_()
-        self.steps, self.started, self.paused_seconds = 0, time.perf_counter(), 0.0
+        self.steps, self.skipped, self.started, self.paused_seconds = 0, 0, time.perf_counter(), 0.0
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
         self.loss_sum += loss
@@ -249,14 +266,16 @@ class LoggingInterval:
         finally:
             self.paused_seconds += time.perf_counter() - started
 
-    def close(self, accelerator: Accelerator) -> tuple[float, float, int, float]:
-        """(loss averaged over steps and processes, mean grad norm, steps, seconds); starts the next interval."""
+    def close(self, accelerator: Accelerator) -> tuple[float, float, int, float, int]:
+        """(loss averaged over applied steps and processes, mean grad norm, steps, seconds, skipped steps);
+        starts the next interval. Skipped (non-finite) steps count in the time but not in the means."""
         seconds = max(time.perf_counter() - self.started - self.paused_seconds, 1e-9)
-        mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / self.steps
-        mean_grad_norm = self.grad_norm_sum.item() / self.steps
-        steps = self.steps
+        applied = max(self.steps, 1)
+        mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / applied if self.steps else float("nan")
+        mean_grad_norm = self.grad_norm_sum.item() / applied if self.steps else float("nan")
+        steps, skipped = self.steps + self.skipped, self.skipped
         self._restart()
-        return mean_loss, mean_grad_norm, steps, seconds
+        return mean_loss, mean_grad_norm, steps, seconds, skipped
 
 
 # ----------------------------------------------------------------------------------------------
@@ -269,6 +288,19 @@ def weights_for_sampling(unet: UNet2DModel, ema: EMAModel | None, sampling_unet:
     else:
         sampling_unet.load_state_dict(unet.state_dict())
     return sampling_unet.eval()
+
+
+@torch.no_grad()
+def weights_fingerprint(unet: UNet2DModel, ema: EMAModel | None) -> torch.Tensor:
+    """A few float64 sums over the live and EMA weights (position-weighted, so swaps show too)."""
+    sums = []
+    for tensors in ([p.detach() for p in unet.parameters()], list(ema.shadow_params) if ema is not None else []):
+        total = torch.zeros(2, dtype=torch.float64, device=unet.device)
+        for i, tensor in enumerate(tensors, start=1):
+            values = tensor.double()
+            total += torch.stack([values.sum() * i, values.pow(2).sum()])
+        sums.append(total)
+    return torch.cat(sums)
 
 
 def write_sample_grid(sampling_unet: UNet2DModel, noise_scheduler, config: TrainingConfig, step: int, num_classes: int | None = None) -> str:
@@ -315,11 +347,41 @@ def run_validation(sampling_unet: UNet2DModel, validation: ValidationSet, alphas
     return losses.double().mean().item(), timestep_profile(losses, validation.timesteps, config.ddpm_num_steps)
 
 
+def load_newest_checkpoint(accelerator, config: TrainingConfig, training_config: dict, unet_values: dict) -> str | None:
+    """Load the newest checkpoint that is whole and loads; report every one skipped. None: start fresh."""
+    candidates, skipped = checkpoints.resume_candidates(config.resume_from_checkpoint, config.output_dir)
+    for message in skipped:
+        accelerator.print(message)
+    failures = []
+    for candidate in candidates:
+        # A different architecture or schedule is the user's mistake: refuse, never fall back.
+        checkpoints.check_compatible(checkpoints.read_run_info(candidate), training_config, unet_values)
+        try:
+            accelerator.load_state(candidate)
+            return candidate
+        except Exception as e:  # torch, safetensors and pickle each report a damaged file differently
+            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            accelerator.print(f"skipping {candidate}: it could not be loaded ({reason}); it is left as it is")
+            failures.append(candidate)
+    if failures:  # something was partly loaded: starting from step 0 now would train from mixed weights
+        raise UserError(f"no checkpoint could be loaded ({', '.join(failures)}); resume from a specific folder with "
+                        "--resume_from_checkpoint PATH, or start afresh with --overwrite_output_dir")
+    return None
+
+
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
 def train(config: TrainingConfig) -> dict:
-    """Train (or resume) one run as the config says; returns the statistics saved to train_stats.json."""
+    """Train (or resume) one run as the config says; returns the statistics saved to train_stats.json.
+
+    SIGINT/SIGTERM stop it after the current step with a checkpoint (see interrupts.py)."""
+    # The exit stack closes the progress bar before any error is printed below it.
+    with stop_on_signals() as stop_request, contextlib.ExitStack() as cleanup:
+        return _train(config, stop_request, cleanup)
+
+
+def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextlib.ExitStack) -> dict:
     started = time.time()
     accelerator = make_accelerator(config)
     device, rank, world_size = accelerator.device, accelerator.process_index, accelerator.num_processes
@@ -373,10 +435,8 @@ def train(config: TrainingConfig) -> dict:
     metrics = MetricsLog(config.output_dir)
     validation_log = MetricsLog(config.output_dir, VALIDATION_FILE)
     run_info = {"training_config": config.to_dict(), "unet_config": dict(unet_values)}
-    resume_path = checkpoints.resolve_resume(config.resume_from_checkpoint, config.output_dir)
+    resume_path = load_newest_checkpoint(accelerator, config, run_info["training_config"], unet_values)
     if resume_path is not None:
-        checkpoints.check_compatible(checkpoints.read_run_info(resume_path), run_info["training_config"], unet_values)
-        accelerator.load_state(resume_path)
         if ema is not None:
             ema.to(device)  # accelerate loads registered state onto the CPU
         data.load_state_dict(progress.data_state)
@@ -415,7 +475,9 @@ def train(config: TrainingConfig) -> dict:
     )
 
     # --- train ---
-    progress_bar = tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True)
+    progress_bar = cleanup.enter_context(
+        tqdm(total=max_steps, initial=progress.step, disable=not accelerator.is_local_main_process, desc="training", dynamic_ncols=True)
+    )
 
     def say(message: str) -> None:  # one line above the progress bar, from one process per machine
         if accelerator.is_local_main_process:
@@ -425,8 +487,22 @@ def train(config: TrainingConfig) -> dict:
     images_this_run, seconds_this_run = 0, 0.0
     model.train()
     while progress.step < max_steps and not early_stopping.stopped:
-        loss, grad_norm = optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod, config, progress.step, random_flip, sampler)
-        interval.add(loss, grad_norm)
+        loss, grad_norm, applied, timesteps = optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod,
+                                                                config, progress.step, random_flip, sampler)
+        if applied:
+            interval.add(loss, grad_norm)
+            progress.nonfinite_streak = 0
+        else:
+            interval.skipped += 1
+            progress.nonfinite_streak += 1
+            say(f"step {progress.step + 1}: non-finite loss or gradient (t in [{int(timesteps.min())}, {int(timesteps.max())}] on this process); update skipped")
+            if progress.nonfinite_streak >= config.max_nonfinite_steps:
+                newest = checkpoints.list_checkpoints(config.output_dir)
+                raise UserError(
+                    f"stopping at step {progress.step + 1}: {progress.nonfinite_streak} steps in a row had a non-finite loss or gradient; "
+                    f"the last good checkpoint is {newest[-1][1] if newest else 'none (no checkpoint was written yet)'}; "
+                    "lower --learning_rate, raise --lr_warmup_steps or --max_grad_norm clipping, or use bf16 instead of fp16"
+                )
         progress.step += 1
         progress.images_seen += images_per_step
         progress_bar.update(1)
@@ -453,7 +529,7 @@ def train(config: TrainingConfig) -> dict:
                 done = True
 
         if progress.step % config.logging_steps == 0 or done:
-            mean_loss, mean_grad_norm, steps, seconds = interval.close(accelerator)
+            mean_loss, mean_grad_norm, steps, seconds, skipped = interval.close(accelerator)
             progress.train_seconds += seconds
             images_this_run += steps * images_per_step
             seconds_this_run += seconds
@@ -464,6 +540,7 @@ def train(config: TrainingConfig) -> dict:
                 "grad_norm": mean_grad_norm,
                 "lr": lr_scheduler.get_last_lr()[0],
                 "images_per_s": steps * images_per_step / seconds,
+                "skipped_steps": skipped,
                 "elapsed_s": progress.train_seconds,
             }
             if accelerator.is_main_process:
@@ -481,7 +558,8 @@ def train(config: TrainingConfig) -> dict:
                 say(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             if accelerator.is_main_process and ((config.save_images_steps and progress.step % config.save_images_steps == 0) or done):
                 write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step, data.num_classes)
-            if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done:
+            signum = stop_request.agreed(accelerator)
+            if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done or signum:
                 progress.data_state = data.state_dict()
                 progress.sampler_state = sampler.state_dict() if sampler is not None else {}
                 progress.early_stopping = early_stopping.state_dict()
@@ -489,10 +567,22 @@ def train(config: TrainingConfig) -> dict:
                 say(f"saved checkpoint {path}")
                 if pusher is not None and config.push_checkpoints:
                     pusher.push_checkpoint_in_background(path, os.path.join(config.output_dir, HUB_STAGING))
+        if signum and not done:
+            progress_bar.close()
+            if pusher is not None:
+                pusher.wait_for_checkpoints()
+            accelerator.end_training()
+            raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {progress.step}: the checkpoint is {path}; "
+                              "run the same command with --resume_from_checkpoint latest to continue exactly where it stopped", signum)
     progress_bar.close()
 
     # --- finish: the pipeline, the curve, the statistics ---
     accelerator.wait_for_everyone()
+    # Every process should hold the same weights and EMA; compare a fingerprint of each.
+    fingerprints = accelerator.gather(weights_fingerprint(unet, ema)[None])
+    ranks_identical = bool((fingerprints == fingerprints[0]).all())
+    if not ranks_identical:
+        say("warning: the processes ended with different weights; the saved pipeline is process 0's")
     stats = {}
     if accelerator.is_main_process:
         pipeline_for(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler).save_pretrained(config.output_dir, safe_serialization=True)
@@ -516,6 +606,7 @@ def train(config: TrainingConfig) -> dict:
             "parameters": parameters,
             "device": str(device),
             "num_processes": world_size,
+            "ranks_identical": ranks_identical,
             "mixed_precision": accelerator.mixed_precision,
             "config": config.to_dict(),
             "unet_config": dict(unet_values),

@@ -74,7 +74,7 @@ def test_a_short_run_writes_every_output(finished_run):
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and [r["images_seen"] for r in rows] == [16, 32]
-    assert set(rows[0]) == {"step", "images_seen", "loss", "grad_norm", "lr", "images_per_s", "elapsed_s"}
+    assert set(rows[0]) == {"step", "images_seen", "loss", "grad_norm", "lr", "images_per_s", "skipped_steps", "elapsed_s"}
     assert all(0 < r["loss"] < 10 and r["images_per_s"] > 0 for r in rows)
 
     stats = json.loads((out / "train_stats.json").read_text())
@@ -145,7 +145,8 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     two = tmp_path / "two"
     assert (two / "checkpoints/checkpoint-4/random_states_1.pkl").is_file()  # both processes' RNG states
     assert len((two / "metrics.jsonl").read_text().splitlines()) == 2  # one set of outputs, not one per process
-    assert json.loads((two / "train_stats.json").read_text())["num_processes"] == 2
+    stats = json.loads((two / "train_stats.json").read_text())
+    assert stats["num_processes"] == 2 and stats["ranks_identical"] is True  # every process ended with the same weights and EMA
     # Data, noise and timesteps are drawn for the global batch, so only float reduction order differs.
     _assert_same_weights(_weights(two / "checkpoints/checkpoint-4/model.safetensors"), _weights(tmp_path / "one/checkpoints/checkpoint-4/model.safetensors"), atol=1e-5)
     _assert_same_weights(_weights(two / "unet/diffusion_pytorch_model.safetensors"), _weights(tmp_path / "one/unet/diffusion_pytorch_model.safetensors"), atol=1e-5)
