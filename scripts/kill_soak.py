@@ -4,9 +4,9 @@ with exactly the weights of an uninterrupted run.
 
     python scripts/kill_soak.py --kills 20 --seed 0 [--steps 60] [--workdir /tmp/kill-soak]
 
-Each attempt runs the same command (`--resume_from_checkpoint latest`) and is killed after a
-random delay, which lands anywhere: during start-up, mid-step, mid-checkpoint-write, during the
-final save. After the kills the run is resumed until it finishes. Prints one line per attempt and
+Each attempt runs the same command (`--resume_from_checkpoint latest`) and is killed a random
+delay after its training loop has started, which lands anywhere: mid-step, mid-checkpoint-write,
+during a sample grid or the final save. After the kills the run is resumed until it finishes. Prints one line per attempt and
 a summary; exits 1 if the final weights differ from the uninterrupted run's.
 """
 
@@ -39,14 +39,19 @@ def run_to_completion(output_dir: str, steps: int) -> subprocess.CompletedProces
     return subprocess.run(training_command(output_dir, steps), cwd=REPO, env=_environment(), capture_output=True, text=True, timeout=900)
 
 
-def run_with_kills(output_dir: str, steps: int, kills: int, seed: int, max_delay: float = 12.0, log=print) -> dict:
-    """Start, SIGKILL after a random delay, repeat ``kills`` times; then run to completion."""
+def run_with_kills(output_dir: str, steps: int, kills: int, seed: int, max_delay: float = 6.0, log=print) -> dict:
+    """Start, SIGKILL a random delay after training has started, repeat ``kills`` times; then run to completion."""
     rng = random.Random(seed)
     killed = finished_early = 0
     for attempt in range(1, kills + 1):
-        delay = rng.uniform(1.0, max_delay)
+        delay = rng.uniform(0.0, max_delay)
         process = subprocess.Popen(training_command(output_dir, steps), cwd=REPO, env=_environment(),
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                                   stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        # The clock starts when training is set up (imports and data loading take seconds and vary
+        # with the machine's load), so the kills land in the loop, the saves and the final save.
+        for line in process.stdout:
+            if line.startswith("examples:"):
+                break
         try:
             process.wait(timeout=delay)
             finished_early += 1
@@ -54,9 +59,12 @@ def run_with_kills(output_dir: str, steps: int, kills: int, seed: int, max_delay
         except subprocess.TimeoutExpired:
             process.send_signal(signal.SIGKILL)
             process.wait()
+        finally:
+            process.stdout.close()
+        if process.returncode == -signal.SIGKILL:
             killed += 1
             checkpoints = sorted(os.listdir(os.path.join(output_dir, "checkpoints"))) if os.path.isdir(os.path.join(output_dir, "checkpoints")) else []
-            log(f"attempt {attempt}: SIGKILL after {delay:.1f} s; on disk: {', '.join(checkpoints) or 'no checkpoint yet'}")
+            log(f"attempt {attempt}: SIGKILL {delay:.1f} s into training; on disk: {', '.join(checkpoints) or 'no checkpoint yet'}")
     resumes = 0
     while True:
         result = run_to_completion(output_dir, steps)
@@ -82,7 +90,7 @@ def main() -> int:
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--max_delay", type=float, default=12.0, help="kill delays are uniform in [1, max_delay] seconds")
+    parser.add_argument("--max_delay", type=float, default=6.0, help="kill delays are uniform in [0, max_delay] seconds after training starts")
     parser.add_argument("--workdir", default="/tmp/kill-soak")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)

@@ -61,6 +61,24 @@ def test_missing_image_column(tmp_path):
     assert_one_line_error(result, "no image column found (columns: text, label)", "--image_column")
     result = run_train([*FAST, "--image_column", "pixels", "--output_dir", str(tmp_path / "o")])
     assert_one_line_error(result, "image column 'pixels' is not in the dataset (columns: image, label)")
+    result = run_train([*FAST, "--image_column", "label", "--output_dir", str(tmp_path / "o2")])
+    assert_one_line_error(result, "column 'label' holds ClassLabel values, not images")
+
+
+def test_empty_dataset(tmp_path):
+    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["a"])})
+    (tmp_path / "empty").mkdir()
+    datasets.Dataset.from_dict({"image": [], "label": []}, features=features).to_parquet(tmp_path / "empty" / "train.parquet")
+    # (datasets' own "Generating train split" progress bar is switched off: it is not part of the message)
+    result = run_train([*FAST, "--dataset_name", str(tmp_path / "empty"), "--output_dir", str(tmp_path / "o")], HF_DATASETS_DISABLE_PROGRESS_BARS="1")
+    assert_one_line_error(result, "the dataset is empty")
+
+
+def test_unreadable_image_in_a_local_folder_is_named(tmp_path, rgb_image_folder):
+    broken = rgb_image_folder / "dogs" / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n this is not really a PNG")
+    result = run_train([*FAST, "--train_data_dir", str(rgb_image_folder), "--resolution", "16", "--output_dir", str(tmp_path / "o")])
+    assert_one_line_error(result, "broken.png")
 
 
 def test_class_conditional_without_labels(tmp_path, rgb_image_folder):
@@ -115,6 +133,8 @@ def test_resume_errors_leave_the_existing_run_intact(tmp_path):
     assert_one_line_error(result, "checkpoint-99 does not exist")
     result = run_train([*FAST, "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--prediction_type", "v_prediction", "--model_preset", "mnist"])
     assert_one_line_error(result, "cannot resume", "model_preset: checkpoint 'tiny', now 'mnist'", "prediction_type")
+    result = run_train([*FAST, "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--ddpm_beta_schedule", "squaredcos_cap_v2"])
+    assert_one_line_error(result, "cannot resume", "ddpm_beta_schedule: checkpoint 'linear', now 'squaredcos_cap_v2'")
     result = run_train([*FAST, "--output_dir", str(out), "--resume_from_checkpoint", "latest", "--class_conditional"])
     assert_one_line_error(result, "cannot resume", "class_conditional: checkpoint False, now True", "unet.num_class_embeds")
 
