@@ -29,6 +29,8 @@ from torch import nn
 from .errors import UserError
 
 CLASSIFIER_SIDE = 28
+# Bumped whenever the classifier's training changes, so cached classifiers and statistics are redone.
+CLASSIFIER_VERSION = "2"
 
 
 def _as_digit_input(images: torch.Tensor) -> torch.Tensor:
@@ -69,8 +71,23 @@ def data_fingerprint(images: torch.Tensor, labels: torch.Tensor) -> str:
     return digest.hexdigest()
 
 
+def _outlier_images(count: int, generator: torch.Generator) -> torch.Tensor:
+    """Images that are no digit: Gaussian and uniform noise, some of it blurred, in [-1, 1]."""
+    gaussian = torch.randn(count, 1, CLASSIFIER_SIDE, CLASSIFIER_SIDE, generator=generator).clamp(-1, 1)
+    uniform = torch.rand(count, 1, CLASSIFIER_SIDE, CLASSIFIER_SIDE, generator=generator) * 2 - 1
+    pick = torch.rand(count, 1, 1, 1, generator=generator) < 0.5
+    noise = torch.where(pick, gaussian, uniform)
+    blurred = F.avg_pool2d(noise, 3, stride=1, padding=1) * 2
+    return torch.where(torch.rand(count, 1, 1, 1, generator=generator) < 0.5, noise, blurred.clamp(-1, 1))
+
+
 def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0, epochs: int = 6) -> tuple[DigitClassifier, float]:
-    """Train on 90% of the digits, report accuracy on the other 10%. Deterministic on the CPU for a given seed."""
+    """Train on 90% of the digits, report accuracy on the other 10%. Deterministic on the CPU for a given seed.
+
+    Each batch also holds a quarter as many noise images whose target is the uniform distribution
+    ("outlier exposure", Hendrycks et al. 2019): without it a classifier is confidently wrong on
+    noise, and the mean-confidence score could not tell noise from digits.
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     order = torch.randperm(len(images), generator=generator)
@@ -85,7 +102,9 @@ def train_digit_classifier(images: torch.Tensor, labels: torch.Tensor, num_class
         shuffled = train[torch.randperm(len(train), generator=generator)]
         for start in range(0, len(shuffled), batch):
             index = shuffled[start : start + batch]
-            loss = F.cross_entropy(model(x[index]), y[index])
+            outliers = _outlier_images(max(1, len(index) // 4), generator)
+            uniform_target = -F.log_softmax(model(outliers), dim=1).mean()
+            loss = F.cross_entropy(model(x[index]), y[index]) + 0.5 * uniform_target
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -106,7 +125,7 @@ class DigitFeatures:
 
     @property
     def name(self) -> str:
-        return f"digits-{self.fingerprint[:12]}"
+        return f"digits-v{CLASSIFIER_VERSION}-{self.fingerprint[:12]}"
 
     @classmethod
     def load_or_train(cls, path: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0, device="cpu") -> "DigitFeatures":
@@ -117,14 +136,16 @@ class DigitFeatures:
 
             with safe_open(path, framework="pt") as f:
                 metadata = f.metadata() or {}
-            if metadata.get("data_sha256") == fingerprint and metadata.get("seed") == str(seed) and metadata.get("num_classes") == str(num_classes):
+            if (metadata.get("data_sha256") == fingerprint and metadata.get("seed") == str(seed) and metadata.get("num_classes") == str(num_classes)
+                    and metadata.get("version") == CLASSIFIER_VERSION):
                 model = DigitClassifier(num_classes)
                 model.load_state_dict(load_file(path))
                 return cls(model, fingerprint, float(metadata["accuracy"]), device)
         model, accuracy = train_digit_classifier(images, labels, num_classes, seed)
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         partial = path + ".tmp"
-        save_file(model.state_dict(), partial, metadata={"data_sha256": fingerprint, "seed": str(seed), "num_classes": str(num_classes), "accuracy": f"{accuracy:.6f}"})
+        save_file(model.state_dict(), partial, metadata={"data_sha256": fingerprint, "seed": str(seed), "num_classes": str(num_classes),
+                                                       "accuracy": f"{accuracy:.6f}", "version": CLASSIFIER_VERSION})
         os.replace(partial, path)
         return cls(model, fingerprint, accuracy, device)
 

@@ -1,0 +1,19 @@
+"""The throughput benchmark runs (its short mode); its figures are in benchmarks/RESULTS.md, not checked here."""
+
+import json
+import subprocess
+import sys
+
+from .conftest import REPO, cli_env
+
+
+def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
+    out = tmp_path / "throughput.json"
+    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--short", "--json", str(out)], cwd=REPO, env=cli_env(),
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "limit img/s" in result.stdout and "sampling tiny" in result.stdout
+    report = json.loads(out.read_text())
+    (row,) = report["rows"]
+    assert row["preset"] == "tiny" and row["limit"]["images_per_s"] > 0 and row["trainer"]["images_per_s"] > 0 and row["ratio"] > 0
+    assert report["sampling"]["tiny"]["ddim_50_images_per_s"] > 0
