@@ -96,7 +96,10 @@ def main() -> int:
     shutil.rmtree(args.workdir, ignore_errors=True)
     reference, interrupted = os.path.join(args.workdir, "uninterrupted"), os.path.join(args.workdir, "interrupted")
     started = time.time()
-    assert run_to_completion(reference, args.steps).returncode == 0, "the uninterrupted run failed"
+    reference_run = run_to_completion(reference, args.steps)
+    if reference_run.returncode != 0:
+        print(f"the uninterrupted run failed:\n{reference_run.stderr[-3000:]}")
+        return 1
     outcome = run_with_kills(interrupted, args.steps, args.kills, args.seed, args.max_delay)
     difference = max_weight_difference(reference, interrupted) if outcome["ok"] else float("nan")
     same = outcome["ok"] and difference == 0.0
