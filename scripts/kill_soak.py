@@ -2,7 +2,7 @@
 """Kill a training run with SIGKILL at random moments, resume it each time, and check that it ends
 with exactly the weights of an uninterrupted run.
 
-    python scripts/kill_soak.py --kills 20 --seed 0 [--steps 60] [--workdir /tmp/kill-soak]
+    python scripts/kill_soak.py --kills 20 --seed 0 [--steps 200] [--workdir /tmp/kill-soak]
 
 Each attempt runs the same command (`--resume_from_checkpoint latest`) and is killed a random
 delay after its training loop has started, which lands anywhere: mid-step, mid-checkpoint-write,
@@ -61,6 +61,8 @@ def run_with_kills(output_dir: str, steps: int, kills: int, seed: int, max_delay
             process.wait()
         finally:
             process.stdout.close()
+        if process.returncode not in (0, -signal.SIGKILL):
+            log(f"attempt {attempt}: exited with status {process.returncode}")
         if process.returncode == -signal.SIGKILL:
             killed += 1
             checkpoints = sorted(os.listdir(os.path.join(output_dir, "checkpoints"))) if os.path.isdir(os.path.join(output_dir, "checkpoints")) else []
@@ -89,7 +91,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=200, help="long enough that the kills spread over the whole run")
     parser.add_argument("--max_delay", type=float, default=6.0, help="kill delays are uniform in [0, max_delay] seconds after training starts")
     parser.add_argument("--workdir", default="/tmp/kill-soak")
     args = parser.parse_args()
