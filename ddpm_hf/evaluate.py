@@ -31,6 +31,7 @@ from .data import ImageFormat, _labels_and_classes, decode_in_memory, find_colum
 from .errors import UserError
 from .features import DigitFeatures, InceptionFeatures, classifier_scores
 from .fid import FeatureStatistics, frechet_distance
+from .pipeline import guided_prediction
 from .sample import build_pipeline, class_labels_for, default_device, default_steps, draw_images, load_unet_and_schedule, save_images
 from .seeds import derive_seed
 
@@ -186,8 +187,6 @@ def interpolation_grid(unet, scheduler_config, path: str, rows: int = 4, columns
     labels = None
     if unet.config.num_class_embeds:
         labels = torch.full((len(x),), class_label if class_label is not None else 0, device=device)
-    from .pipeline import guided_prediction
-
     for t in scheduler.timesteps:
         output = guided_prediction(unet, x, t, labels, guidance_scale) if labels is not None else unet(x, t).sample
         x = scheduler.step(output, t, x, eta=0.0).prev_sample

@@ -1,4 +1,4 @@
-"""Drawing images from a trained UNet with `diffusers` pipelines, and saving the pipeline."""
+"""The pipeline a run saves, the labels of a class grid, and image grids."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import PIL.Image
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from .pipeline import ClassConditionalDDPMPipeline
 
@@ -21,29 +21,6 @@ def pipeline_for(unet: UNet2DModel, noise_scheduler: DDPMScheduler) -> DDPMPipel
     if is_class_conditional(unet):
         return ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-
-
-def sampling_pipeline(unet: UNet2DModel, noise_scheduler: DDPMScheduler, sampler: str):
-    """A pipeline over ``unet``: ancestral DDPM sampling, or deterministic DDIM (eta = 0) on the same schedule."""
-    scheduler_class = DDIMScheduler if sampler == "ddim" else DDPMScheduler
-    scheduler = scheduler_class.from_config(noise_scheduler.config)
-    if is_class_conditional(unet):
-        pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=scheduler)
-    else:
-        pipeline = (DDIMPipeline if sampler == "ddim" else DDPMPipeline)(unet=unet, scheduler=scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
-@torch.no_grad()
-def generate(pipeline, num_images: int, num_inference_steps: int, seed: int, class_labels=None, guidance_scale: float = 1.0) -> np.ndarray:
-    """(N, H, W, C) floats in [0, 1]. The noise comes from a CPU generator seeded with ``seed``,
-    so the same seed gives the same starting noise on any device and at any training step.
-    A class-conditional pipeline draws one image per entry of ``class_labels``."""
-    generator = torch.Generator("cpu").manual_seed(seed)
-    if isinstance(pipeline, ClassConditionalDDPMPipeline):
-        return pipeline(class_labels, guidance_scale=guidance_scale, generator=generator, num_inference_steps=num_inference_steps, output_type="np").images
-    return pipeline(batch_size=num_images, generator=generator, num_inference_steps=num_inference_steps, output_type="np").images
 
 
 def class_grid_labels(num_classes: int, images_wanted: int) -> tuple[torch.Tensor, int]:

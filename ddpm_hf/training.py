@@ -38,8 +38,8 @@ from .models import build_noise_scheduler, build_unet, count_parameters, unet_co
 from .objective import diffusion_losses, sample_timesteps
 from .plots import plot_loss_curve
 from .resample import LossSecondMomentSampler
-from .sample import draw_images
-from .sampling import class_grid_labels, generate, image_grid, pipeline_for, sampling_pipeline
+from .sample import build_pipeline, draw_images, save_images
+from .sampling import class_grid_labels, pipeline_for
 from .seeds import derive_seed
 from .validation import EarlyStopping, ValidationSet, make_validation_set, timestep_profile, validation_losses
 
@@ -305,14 +305,14 @@ def weights_fingerprint(unet: UNet2DModel, ema: EMAModel | None) -> torch.Tensor
 
 def write_sample_grid(sampling_unet: UNet2DModel, noise_scheduler, config: TrainingConfig, step: int, num_classes: int | None = None) -> str:
     """A grid of samples from a fixed seed; for a class-conditional run, one row per class."""
-    pipeline = sampling_pipeline(sampling_unet, noise_scheduler, config.sampler)
-    if config.class_conditional:
-        labels, columns = class_grid_labels(num_classes, config.eval_batch_size)
-        images = generate(pipeline, len(labels), config.grid_inference_steps, config.seed, class_labels=labels, guidance_scale=config.guidance_scale)
-    else:
-        images, columns = generate(pipeline, config.eval_batch_size, config.grid_inference_steps, config.seed), None
+    pipeline = build_pipeline(sampling_unet, noise_scheduler.config, config.sampler, sampling_unet.device)
+    labels, columns = class_grid_labels(num_classes, config.eval_batch_size) if config.class_conditional else (None, None)
+    count = len(labels) if labels is not None else config.eval_batch_size
+    # Image i is seeded by (seed, i), as in the sampling command: the same noise at every step of the run.
+    images = draw_images(pipeline, count, count, config.grid_inference_steps, config.seed, class_labels=labels,
+                         guidance_scale=config.guidance_scale, progress=False)
     path = os.path.join(config.output_dir, "samples", f"step_{step:07d}.png")
-    image_grid(images, columns).save(path)
+    save_images(images, path, None, columns)
     return path
 
 
@@ -331,7 +331,7 @@ def save_pipeline_atomically(pipeline, folder: str, extra: dict | None = None) -
 def run_evaluation(evaluator: Evaluator, sampling_unet: UNet2DModel, noise_scheduler, config: TrainingConfig, num_classes: int | None) -> dict:
     """FID and classifier scores of --eval_num_samples images drawn as for the grids (EMA weights)."""
     started = time.perf_counter()
-    pipeline = sampling_pipeline(sampling_unet, noise_scheduler, config.sampler)
+    pipeline = build_pipeline(sampling_unet, noise_scheduler.config, config.sampler, sampling_unet.device)
     labels = torch.arange(config.eval_num_samples) % num_classes if config.class_conditional else None
     images = draw_images(pipeline, config.eval_num_samples, config.eval_batch_size, config.grid_inference_steps, config.seed,
                          class_labels=labels, guidance_scale=config.guidance_scale, progress=False)
