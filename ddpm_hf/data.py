@@ -305,7 +305,7 @@ def decode_in_memory(dataset: datasets.Dataset, image_column: str, config: Train
     return pixels, fmt
 
 
-def _labels_and_classes(dataset, label_column: str | None) -> tuple[torch.Tensor | None, int | None]:
+def labels_and_classes(dataset, label_column: str | None) -> tuple[torch.Tensor | None, int | None]:
     if label_column is None:
         return None, None
     feature = dataset.features[label_column]
@@ -461,7 +461,7 @@ def load_data(config: TrainingConfig, device: torch.device, rank: int = 0, world
             raise UserError(f"--class_conditional with --streaming needs a ClassLabel column to know the number of classes; '{label_column}' is not one")
     else:
         pixels, fmt = decode_in_memory(dataset, image_column, config)
-        labels, num_classes = _labels_and_classes(dataset, label_column)
+        labels, num_classes = labels_and_classes(dataset, label_column)
         train = InMemoryImages(
             images=torch.from_numpy(pixels).to(device),
             labels=labels.to(device) if labels is not None else None,
@@ -482,7 +482,7 @@ def load_data(config: TrainingConfig, device: torch.device, rank: int = 0, world
         pixels, labels = _decode_stream(validation_source, image_column, validation_labels, fmt)
     else:
         pixels, _ = decode_in_memory(validation_source, image_column, config, fmt)
-        labels, _ = _labels_and_classes(validation_source, validation_labels)
+        labels, _ = labels_and_classes(validation_source, validation_labels)
     if config.class_conditional and (labels is None or labels.max() >= train.num_classes):
         raise UserError(f"the validation split '{config.validation_split}' needs labels in 0..{train.num_classes - 1}, like the training split")
     validation = ValidationImages(images=torch.from_numpy(pixels).to(device), labels=labels.to(device) if labels is not None else None)

@@ -27,7 +27,7 @@ import torch
 
 from .cli import OneLineArgumentParser, run_command
 from .config import OFFLINE_MNIST, TrainingConfig, config_from_dict
-from .data import ImageFormat, _labels_and_classes, decode_in_memory, find_columns, load_source_dataset
+from .data import ImageFormat, labels_and_classes, decode_in_memory, find_columns, load_source_dataset
 from .errors import UserError
 from .features import DigitFeatures, InceptionFeatures, classifier_scores
 from .fid import FeatureStatistics, frechet_distance
@@ -59,7 +59,7 @@ def load_reference(config: TrainingConfig, channels: int, resolution: int, max_s
     image_column, label_column = find_columns(dataset.features, config)
     fmt = ImageFormat(mode="L" if channels == 1 else "RGB", resolution=resolution, resize_mode=config.resize_mode)
     pixels, _ = decode_in_memory(dataset, image_column, config, fmt)
-    labels, num_classes = _labels_and_classes(dataset, label_column)
+    labels, num_classes = labels_and_classes(dataset, label_column)
     return torch.from_numpy(pixels), labels, num_classes
 
 
@@ -68,6 +68,7 @@ def reference_name(config: TrainingConfig) -> str:
 
 
 def features_of(extractor, images: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """Apply ``extractor`` (features or probabilities) to ``images`` in batches."""
     return torch.cat([extractor(images[i : i + batch_size]) for i in range(0, len(images), batch_size)])
 
 
@@ -105,7 +106,7 @@ class Evaluator:
         result = {"fid": frechet_distance(FeatureStatistics.of(features_of(self.extractor, images)), self.reference), "num_images": len(images),
                   "extractor": self.extractor.name}
         if isinstance(self.extractor, DigitFeatures):
-            probabilities = torch.cat([self.extractor.probabilities(images[i : i + 250]) for i in range(0, len(images), 250)])
+            probabilities = features_of(self.extractor.probabilities, images)
             result.update(classifier_scores(probabilities))
         return result
 
