@@ -9,6 +9,7 @@ uninterrupted one, and the data and noise do not depend on the number of process
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import math
 import os
@@ -378,7 +379,29 @@ def train(config: TrainingConfig) -> dict:
     SIGINT/SIGTERM stop it after the current step with a checkpoint (see interrupts.py)."""
     # The exit stack closes the progress bar before any error is printed below it.
     with stop_on_signals() as stop_request, contextlib.ExitStack() as cleanup:
-        return _train(config, stop_request, cleanup)
+        try:
+            return _train(config, stop_request, cleanup)
+        finally:
+            release_process_group()
+
+
+def release_process_group() -> None:
+    """Destroy the process group once nothing else holds it: after `_train` has returned.
+
+    DistributedDataParallel's reducer keeps the group alive. If the reducer is the last owner, the
+    group is destroyed from its deallocator with the GIL held; a gloo worker thread still
+    releasing a just-finished gather's tensor then waits for that GIL while the deallocator waits
+    for the thread, and the process hangs at exit. Collecting the wrapper first (it lives in
+    reference cycles) leaves the group's last owner in Python, which destroys it without the GIL."""
+    gc.collect()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def finish_trackers(accelerator: Accelerator) -> None:
+    """`accelerator.end_training()` without destroying the process group (release_process_group does)."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
 
 
 def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextlib.ExitStack) -> dict:
@@ -571,7 +594,7 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
             progress_bar.close()
             if pusher is not None:
                 pusher.wait_for_checkpoints()
-            accelerator.end_training()
+            finish_trackers(accelerator)
             raise Interrupted(f"stopped by {signal.Signals(signum).name} after step {progress.step}: the checkpoint is {path}; "
                               "run the same command with --resume_from_checkpoint latest to continue exactly where it stopped", signum)
     progress_bar.close()
@@ -625,7 +648,7 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
             f"done: {progress.step} steps, {progress.images_seen} images in {stats['wall_time_s']:.0f} s "
             f"({stats['images_per_s']} images/s), smoothed loss {stats['final_loss_smoothed']}; pipeline saved to {config.output_dir}"
         )
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return stats
 
 
