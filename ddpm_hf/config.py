@@ -99,6 +99,11 @@ class TrainingConfig:
         None, "Autocast precision (weights and optimizer stay fp32); default: what `accelerate launch` or its config file says, else no."
     )
     allow_tf32: bool = _arg(True, "Let CUDA matmuls and convolutions use TF32 (Ampere and newer).")
+    optimizer_implementation: Literal["fused", "foreach"] = _arg(
+        "fused", "AdamW kernels: fused (one kernel; it also skips a non-finite step on the device, so no step waits for the host) or foreach."
+    )
+    torch_compile: bool = _arg(False, "Compile the UNet's training step with torch.compile (inductor); the first steps wait for the compiler.")
+    channels_last: bool = _arg(False, "Keep the UNet's weights and inputs channels-last (NHWC): faster convolutions on tensor-core GPUs.")
     max_nonfinite_steps: int = _arg(10, "Stop with an error after this many consecutive steps with a non-finite loss or gradient (each is skipped).")
     seed: int = _arg(0, "Seeds data order, noise, timesteps and sample grids; a resumed run repeats the uninterrupted one.")
 

@@ -77,6 +77,54 @@ class TrainingProgress:
 # ----------------------------------------------------------------------------------------------
 # Set-up helpers
 # ----------------------------------------------------------------------------------------------
+def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
+    fused = config.optimizer_implementation == "fused"
+    return torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
+        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon, fused=fused, foreach=not fused,
+    )
+
+
+def check_compiled_gradients(accelerator, model, unet: UNet2DModel, alphas_cumprod: torch.Tensor, config: TrainingConfig,
+                             num_classes: int | None) -> None:
+    """Compare the compiled model's gradients with eager mode's on one synthetic batch; refuse to
+    train on a mismatch. Compiler bugs are silent: PyTorch 2.13's CPU inductor returns all-zero
+    gradients for most of the UNet's weights (the loss itself matches), which would waste a run."""
+    # The training batch's shape, so that the graph checked is the graph trained (compiled once).
+    batch, size, channels = config.train_batch_size, unet.config.sample_size, unet.config.in_channels
+    generator = torch.Generator(accelerator.device).manual_seed(config.seed)
+    x0 = torch.rand((batch, channels, size, size), generator=generator, device=accelerator.device) * 2 - 1
+    noise = torch.randn(x0.shape, generator=generator, device=accelerator.device)
+    timesteps = torch.randint(0, config.ddpm_num_steps, (batch,), generator=generator, device=accelerator.device)
+    labels = torch.arange(batch, device=accelerator.device) % num_classes if num_classes is not None else None
+    gradients = []
+    for network in (unet, model):  # eager, then compiled (the first compiled call compiles)
+        # no_sync: local gradients only, and DDP's reducer stays out of the eager pass.
+        with accelerator.no_sync(model), accelerator.autocast():
+            loss = diffusion_losses(network, x0, noise, timesteps, alphas_cumprod, config.prediction_type, config.loss_weighting,
+                                    config.snr_gamma, class_labels=labels).mean()
+            loss.backward()
+        gradients.append([p.grad.detach().float().clone() for p in unet.parameters()])
+        unet.zero_grad(set_to_none=True)
+    # Relative error per weight: rounding (bf16 included) stays far below 0.1; a wrong kernel does not.
+    wrong = sum(1 for eager, compiled in zip(*gradients) if (eager - compiled).norm() > 0.1 * eager.norm() + 1e-12)
+    if wrong:
+        raise UserError(f"--torch_compile gives wrong gradients here: {wrong} of {len(gradients[0])} weights disagree with eager mode "
+                        f"(a PyTorch compiler bug on {accelerator.device.type}); train without --torch_compile")
+
+
+def step_options(config: TrainingConfig, device: torch.device) -> list[str]:
+    """How the training step is computed, for the start-up line."""
+    options = [f"AdamW {config.optimizer_implementation}"]
+    if config.channels_last:
+        options.append("channels-last")
+    if config.torch_compile:
+        options.append("torch.compile")
+    if config.allow_tf32 and device.type == "cuda":
+        options.append("TF32")
+    return options
+
+
 def _no_accelerator_hardware() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available())
 
@@ -96,6 +144,8 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         raise UserError("--mixed_precision fp16 needs a CUDA GPU; on CPU use --mixed_precision bf16 or no")
     return Accelerator(
         mixed_precision=config.mixed_precision,
+        # prepare() compiles the model (and, under DDP, lets dynamo split graphs at bucket boundaries).
+        dynamo_backend="inductor" if config.torch_compile else "no",
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
         # On a machine without GPUs, torchrun / accelerate launch still mean several CPU processes (gloo).
@@ -197,10 +247,10 @@ def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, da
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the EMA update.
 
     A non-finite loss, or a non-finite gradient without an fp16 grad scaler (which skips those
-    itself), skips the update: no optimizer step, no EMA update. Checking that reads one flag per
-    step on the host.
+    itself), skips the update: no optimizer step, no EMA update. The decision stays on the device
+    (see apply_update), so on a GPU the step never waits for the host.
 
-    :returns: (mean loss, gradient norm) as device tensors, whether the update was applied, and
+    :returns: (mean loss, gradient norm, whether the update was applied) as device tensors, and
       the last micro-batch's timesteps (for the report of a skipped step).
     """
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
@@ -209,14 +259,16 @@ def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, da
     for micro in range(accumulation):
         images, labels = data.next_batch(step, micro, accumulation)
         draws = draw_noise(config, step, micro, tuple(images.shape), rank, world_size, device, sampler)
-        x0 = to_model_input(images)
+        x0, noise = to_model_input(images), draws.noise
+        if config.channels_last:
+            x0, noise = x0.contiguous(memory_format=torch.channels_last), noise.contiguous(memory_format=torch.channels_last)
         if random_flip:
             x0 = torch.where(draws.flips[:, None, None, None], x0.flip(-1), x0)
         class_labels = conditioning_labels(labels, draws.drop_labels, data.num_classes) if config.class_conditional else None
         torch.manual_seed(derive_seed(config.seed, step, micro, rank, 1))  # dropout masks, replayable
         # Gradients are all-reduced once per optimizer step: on the last micro-batch only.
         with contextlib.nullcontext() if micro == accumulation - 1 else accelerator.no_sync(model):
-            losses = diffusion_losses(model, x0, draws.noise, draws.timesteps, alphas_cumprod, config.prediction_type,
+            losses = diffusion_losses(model, x0, noise, draws.timesteps, alphas_cumprod, config.prediction_type,
                                       config.loss_weighting, config.snr_gamma, class_labels=class_labels)
             if sampler is not None:
                 # Every process remembers the whole global batch, so all keep the same history.
@@ -229,35 +281,106 @@ def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, da
         step_loss += loss.detach()
     # clip_grad_norm_ unscales fp16 gradients first; with clipping off it still measures the norm.
     grad_norm = accelerator.clip_grad_norm_(model.parameters(), config.max_grad_norm or float("inf"))
-    has_scaler = accelerator.scaler is not None
-    finite = bool(torch.isfinite(step_loss)) and (has_scaler or bool(torch.isfinite(grad_norm)))
-    if finite:
-        optimizer.step()
+    applied = apply_update(accelerator, optimizer, step_loss, grad_norm)
     lr_scheduler.step()  # the schedule follows the step count, applied or not
     optimizer.zero_grad(set_to_none=True)
-    if finite and ema is not None and not accelerator.optimizer_step_was_skipped:
-        ema.step(unet.parameters())
-    return step_loss, grad_norm.detach().float(), finite, draws.timesteps
+    if ema is not None:
+        ema_update(ema, unet.parameters(), applied)
+    return step_loss, grad_norm.detach().float(), applied, draws.timesteps
+
+
+def apply_update(accelerator, optimizer, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
+    """Step the optimizer unless the loss or the gradient is non-finite; returns that flag on the device.
+
+    Fused AdamW takes the flag itself (`found_inf`, the hook fp16's grad scaler uses) and leaves
+    weights, moments and step count untouched when it is set, so the host never reads it. The
+    foreach kernels cannot, so there the flag is read on the host, which waits for the device.
+    Under fp16 the grad scaler skips non-finite gradients by itself; its skip is read on the host."""
+    has_scaler = accelerator.scaler is not None
+    finite = torch.isfinite(step_loss) if has_scaler else torch.isfinite(step_loss) & torch.isfinite(grad_norm)
+    if has_scaler:
+        if bool(finite):
+            optimizer.step()
+        return finite & (not accelerator.optimizer_step_was_skipped)
+    if optimizer.optimizer.defaults.get("fused"):
+        optimizer.optimizer.found_inf = (~finite).float()
+        optimizer.step()
+    elif bool(finite):
+        optimizer.step()
+    return finite
+
+
+@torch.no_grad()
+def ema_update(ema: EMAModel, parameters, applied: torch.Tensor) -> None:
+    """`EMAModel.step` (its foreach form), weighted by the device flag `applied`: a skipped update
+    leaves the average exactly as it was, without the host reading the flag. The warm-up counter
+    counts every step; LoggingInterval.close takes the skipped ones back off when it reads the flags."""
+    ema.optimization_step += 1
+    decay = ema.get_decay(ema.optimization_step)
+    ema.cur_decay_value = decay
+    shadow = list(ema.shadow_params)
+    drift = torch._foreach_sub(shadow, [p.detach() for p in parameters])
+    torch._foreach_mul_(drift, applied.float() * (1 - decay))
+    torch._foreach_sub_(shadow, drift)
+
+
+def check_nonfinite_steps(summary: IntervalSummary, progress: TrainingProgress, ema: EMAModel | None, config: TrainingConfig, say) -> None:
+    """Report the interval's skipped steps, and stop once --max_nonfinite_steps came in a row.
+
+    The flags are read at logging steps (no step waits for the host), so a long run of bad steps
+    is noticed at the logging step after it; those steps changed nothing, being skipped."""
+    for step, t_min, t_max in summary.skipped:
+        say(f"step {step}: non-finite loss or gradient (t in [{t_min}, {t_max}] on this process); update skipped")
+    if ema is not None:
+        ema.optimization_step -= len(summary.skipped)  # the EMA warm-up counts applied updates only
+    longest = 0
+    for applied in summary.applied_flags:
+        progress.nonfinite_streak = 0 if applied else progress.nonfinite_streak + 1
+        longest = max(longest, progress.nonfinite_streak)
+    if longest >= config.max_nonfinite_steps:
+        newest = checkpoints.list_checkpoints(config.output_dir)
+        raise UserError(
+            f"stopping at step {progress.step}: {longest} steps in a row had a non-finite loss or gradient; "
+            f"the last good checkpoint is {newest[-1][1] if newest else 'none (no checkpoint was written yet)'}; "
+            "lower --learning_rate, raise --lr_warmup_steps or --max_grad_norm clipping, or use bf16 instead of fp16"
+        )
+
+
+@dataclass
+class IntervalSummary:
+    mean_loss: float  # over applied steps and processes
+    mean_grad_norm: float
+    steps: int  # applied and skipped
+    seconds: float
+    skipped: list[tuple[int, int, int]]  # (step, t min, t max) of each skipped step
+    applied_flags: list[bool]  # per step, in order
 
 
 class LoggingInterval:
     """Sums over the steps since the last log line, kept on the device so that no step waits for
-    the host, and the time those steps took, excluding maintenance (grids, checkpoints)."""
+    the host, and the time those steps took, excluding maintenance (grids, checkpoints). The
+    non-finite guard's per-step flags are kept here too, and read once, at the logging step."""
 
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
+        self.applied_count = torch.zeros((), device=device)
         self._restart()
 
     def _restart(self) -> None:
-        self.loss_sum.zero_()
-        self.grad_norm_sum.zero_()
-        self.steps, self.skipped, self.started, self.paused_seconds = 0, 0, time.perf_counter(), 0.0
+        for total in (self.loss_sum, self.grad_norm_sum, self.applied_count):
+            total.zero_()
+        self.step_numbers: list[int] = []
+        self.outcomes: list[torch.Tensor] = []  # per step: (applied, t min, t max) on the device
+        self.started, self.paused_seconds = time.perf_counter(), 0.0
 
-    def add(self, loss: torch.Tensor, grad_norm: torch.Tensor) -> None:
-        self.loss_sum += loss
-        self.grad_norm_sum += grad_norm
-        self.steps += 1
+    def add(self, step: int, loss: torch.Tensor, grad_norm: torch.Tensor, applied: torch.Tensor, timesteps: torch.Tensor) -> None:
+        # where(), not multiplication: 0 * NaN would still be NaN.
+        self.loss_sum += torch.where(applied, loss, 0.0)
+        self.grad_norm_sum += torch.where(applied, grad_norm, 0.0)
+        self.applied_count += applied
+        self.step_numbers.append(step)
+        self.outcomes.append(torch.stack([applied.to(timesteps.dtype), timesteps.min(), timesteps.max()]))
 
     @contextlib.contextmanager
     def paused(self):
@@ -267,16 +390,21 @@ class LoggingInterval:
         finally:
             self.paused_seconds += time.perf_counter() - started
 
-    def close(self, accelerator: Accelerator) -> tuple[float, float, int, float, int]:
-        """(loss averaged over applied steps and processes, mean grad norm, steps, seconds, skipped steps);
-        starts the next interval. Skipped (non-finite) steps count in the time but not in the means."""
+    def close(self, accelerator: Accelerator) -> IntervalSummary:
+        """Read the interval from the device (the one wait of the interval) and start the next one.
+        Skipped (non-finite) steps count in the time but not in the means."""
         seconds = max(time.perf_counter() - self.started - self.paused_seconds, 1e-9)
-        applied = max(self.steps, 1)
-        mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / applied if self.steps else float("nan")
-        mean_grad_norm = self.grad_norm_sum.item() / applied if self.steps else float("nan")
-        steps, skipped = self.steps + self.skipped, self.skipped
+        outcomes = torch.stack(self.outcomes).tolist() if self.outcomes else []
+        applied = sum(int(flag) for flag, _, _ in outcomes)
+        mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / applied if applied else float("nan")
+        mean_grad_norm = self.grad_norm_sum.item() / applied if applied else float("nan")
+        summary = IntervalSummary(
+            mean_loss=mean_loss, mean_grad_norm=mean_grad_norm, steps=len(outcomes), seconds=seconds,
+            skipped=[(step, int(t_min), int(t_max)) for step, (flag, t_min, t_max) in zip(self.step_numbers, outcomes) if not flag],
+            applied_flags=[bool(flag) for flag, _, _ in outcomes],
+        )
         self._restart()
-        return mean_loss, mean_grad_norm, steps, seconds, skipped
+        return summary
 
 
 # ----------------------------------------------------------------------------------------------
@@ -427,18 +555,20 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
     validation = make_validation_set(held_out, config.ddpm_num_steps, config.seed) if held_out is not None else None
     early_stopping = EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta)
 
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
     # --- optimisation ---
-    optimizer = torch.optim.AdamW(
-        model.parameters(), lr=config.learning_rate, betas=(config.adam_beta1, config.adam_beta2),
-        weight_decay=config.adam_weight_decay, eps=config.adam_epsilon,
-    )
+    optimizer = make_optimizer(model, config)
     images_per_step = config.train_batch_size * world_size * config.gradient_accumulation_steps
     max_steps = total_train_steps(config, data, images_per_step)
     # Stepped once per optimizer step on every process, so it is not passed to prepare(), which
     # would step it num_processes times.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps)
     model, optimizer = accelerator.prepare(model, optimizer)
-    unet = accelerator.unwrap_model(model)
+    unet = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain module, for EMA, sampling and saving
+    if config.torch_compile:
+        check_compiled_gradients(accelerator, model, unet, alphas_cumprod, config, data.num_classes if config.class_conditional else None)
     ema = None
     if config.use_ema:
         ema = EMAModel(
@@ -494,7 +624,8 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
         f"{config.gradient_accumulation_steps} accumulation) | steps: {progress.step} -> {max_steps} | "
         f"UNet '{config.model_preset}': {parameters / 1e6:.2f}M parameters at {data.resolution}x{data.resolution}x{data.channels}"
         f"{f', {data.num_classes} classes + null' if config.class_conditional else ''} | "
-        f"validation: {len(validation) if validation is not None else 'none'} | device: {device} | precision: {accelerator.mixed_precision}"
+        f"validation: {len(validation) if validation is not None else 'none'} | device: {device} | precision: {accelerator.mixed_precision} | "
+        f"step: {', '.join(step_options(config, device))}"
     )
 
     # --- train ---
@@ -512,20 +643,7 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
     while progress.step < max_steps and not early_stopping.stopped:
         loss, grad_norm, applied, timesteps = optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, data, alphas_cumprod,
                                                                 config, progress.step, random_flip, sampler)
-        if applied:
-            interval.add(loss, grad_norm)
-            progress.nonfinite_streak = 0
-        else:
-            interval.skipped += 1
-            progress.nonfinite_streak += 1
-            say(f"step {progress.step + 1}: non-finite loss or gradient (t in [{int(timesteps.min())}, {int(timesteps.max())}] on this process); update skipped")
-            if progress.nonfinite_streak >= config.max_nonfinite_steps:
-                newest = checkpoints.list_checkpoints(config.output_dir)
-                raise UserError(
-                    f"stopping at step {progress.step + 1}: {progress.nonfinite_streak} steps in a row had a non-finite loss or gradient; "
-                    f"the last good checkpoint is {newest[-1][1] if newest else 'none (no checkpoint was written yet)'}; "
-                    "lower --learning_rate, raise --lr_warmup_steps or --max_grad_norm clipping, or use bf16 instead of fp16"
-                )
+        interval.add(progress.step + 1, loss, grad_norm, applied, timesteps)
         progress.step += 1
         progress.images_seen += images_per_step
         progress_bar.update(1)
@@ -551,19 +669,21 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
                     f"(step {early_stopping.best_step}) in {config.early_stopping_patience} validations; best model in {os.path.join(config.output_dir, BEST)}")
                 done = True
 
-        if progress.step % config.logging_steps == 0 or done:
-            mean_loss, mean_grad_norm, steps, seconds, skipped = interval.close(accelerator)
-            progress.train_seconds += seconds
-            images_this_run += steps * images_per_step
-            seconds_this_run += seconds
+        logging_step = progress.step % config.logging_steps == 0 or done
+        if logging_step:
+            summary = interval.close(accelerator)
+            check_nonfinite_steps(summary, progress, ema, config, say)
+            progress.train_seconds += summary.seconds
+            images_this_run += summary.steps * images_per_step
+            seconds_this_run += summary.seconds
             row = {
                 "step": progress.step,
                 "images_seen": progress.images_seen,
-                "loss": mean_loss,
-                "grad_norm": mean_grad_norm,
+                "loss": summary.mean_loss,
+                "grad_norm": summary.mean_grad_norm,
                 "lr": lr_scheduler.get_last_lr()[0],
-                "images_per_s": steps * images_per_step / seconds,
-                "skipped_steps": skipped,
+                "images_per_s": summary.steps * images_per_step / summary.seconds,
+                "skipped_steps": len(summary.skipped),
                 "elapsed_s": progress.train_seconds,
             }
             if accelerator.is_main_process:
@@ -581,7 +701,9 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
                 say(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
             if accelerator.is_main_process and ((config.save_images_steps and progress.step % config.save_images_steps == 0) or done):
                 write_sample_grid(weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, progress.step, data.num_classes)
-            signum = stop_request.agreed(accelerator)
+            # Agreeing on a stop is a collective that waits for the device, so with several
+            # processes it happens at logging steps only: a signal ends the logging interval.
+            signum = stop_request.agreed(accelerator) if world_size == 1 or logging_step else None
             if (config.checkpointing_steps and progress.step % config.checkpointing_steps == 0) or done or signum:
                 progress.data_state = data.state_dict()
                 progress.sampler_state = sampler.state_dict() if sampler is not None else {}
