@@ -3,6 +3,7 @@
 
     python benchmarks/throughput.py                       # CPU: tiny and mnist, fp32
     python benchmarks/throughput.py --presets cifar10 --precisions bf16 --batch_size 128   # a GPU
+    python benchmarks/throughput.py --step_options fused fused,channels_last,compile foreach   # compare step options
     python benchmarks/throughput.py --short               # CI: a few steps, checks it runs
 
 For each (preset, precision) two measurements, each in a fresh process so peak memory is its own:
@@ -13,6 +14,9 @@ For each (preset, precision) two measurements, each in a fresh process so peak m
   cifar10 preset): data path, noise and timestep sampling, EMA, metrics logging every 50 steps,
   timed from its own metrics rows after the first logging interval (the warm-up).
 
+Each comma-separated --step_options entry (fused or foreach AdamW, channels_last, compile) applies
+to both measurements; on CUDA both use TF32, as the trainer does by default.
+
 Also sampling throughput: DDIM with 50 steps and DDPM with 1000 steps. Prints a table and
 writes JSON (--json, default benchmarks/throughput.json).
 """
@@ -20,6 +24,7 @@ writes JSON (--json, default benchmarks/throughput.json).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import platform
@@ -45,7 +50,7 @@ def _shape(preset: str) -> tuple[int, int]:
     return (3, 32) if preset == "cifar10" else (1, 28)
 
 
-def measure_limit(preset: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
+def measure_limit(preset: str, precision: str, batch_size: int, steps: int, warmup: int, options: set[str]) -> dict:
     import torch
 
     from ddpm_hf.config import TrainingConfig
@@ -55,9 +60,13 @@ def measure_limit(preset: str, precision: str, batch_size: int, steps: int, warm
     device = _device()
     channels, resolution = _shape(preset)
     torch.manual_seed(0)
-    model = build_unet(unet_config(TrainingConfig(model_preset=preset), channels, resolution)).to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x_t = torch.randn(batch_size, channels, resolution, resolution, device=device)
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer (--allow_tf32)
+    layout = torch.channels_last if "channels_last" in options else torch.contiguous_format
+    model = build_unet(unet_config(TrainingConfig(model_preset=preset), channels, resolution)).to(device, memory_format=layout).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="foreach" not in options, foreach="foreach" in options)
+    if "compile" in options:
+        model = torch.compile(model)
+    x_t = torch.randn(batch_size, channels, resolution, resolution, device=device).contiguous(memory_format=layout)
     target = torch.randn_like(x_t)
     t = torch.randint(0, 1000, (batch_size,), device=device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -95,7 +104,7 @@ def _rgb_dataset(folder: str, count: int = 512) -> str:
     return folder
 
 
-def measure_trainer(preset: str, precision: str, batch_size: int, steps: int) -> dict:
+def measure_trainer(preset: str, precision: str, batch_size: int, steps: int, options: set[str]) -> dict:
     from ddpm_hf.config import TrainingConfig
     from ddpm_hf.training import train
 
@@ -105,6 +114,8 @@ def measure_trainer(preset: str, precision: str, batch_size: int, steps: int) ->
             dataset_name=dataset, model_preset=preset, train_batch_size=batch_size, mixed_precision=precision if precision != "fp32" else "no",
             max_train_steps=WARMUP_INTERVAL + steps, report_to="none", save_images_steps=0, checkpointing_steps=0,
             output_dir=os.path.join(scratch, "run"), eval_batch_size=1, num_inference_steps=1,
+            optimizer_implementation="foreach" if "foreach" in options else "fused", channels_last="channels_last" in options,
+            torch_compile="compile" in options,
         )
         stats = train(config)
         with open(os.path.join(config.output_dir, "metrics.jsonl")) as f:
@@ -138,8 +149,8 @@ def measure_sampling(preset: str, count: int) -> dict:
     return result
 
 
-def _in_fresh_process(kind: str, preset: str, precision: str, batch_size: int, steps: int, warmup: int) -> dict:
-    command = [sys.executable, os.path.abspath(__file__), "--_one", kind, preset, precision, str(batch_size), str(steps), str(warmup)]
+def _in_fresh_process(kind: str, preset: str, precision: str, batch_size: int, steps: int, warmup: int, options: str = "fused") -> dict:
+    command = [sys.executable, os.path.abspath(__file__), "--_one", kind, preset, precision, str(batch_size), str(steps), str(warmup), options]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
         raise RuntimeError(f"{kind} {preset} {precision} failed:\n{result.stderr[-3000:]}")
@@ -153,17 +164,20 @@ def main() -> int:
     parser.add_argument("--batch_size", type=int, default=None, help="default: 64 on CPU, 128 on a GPU")
     parser.add_argument("--steps", type=int, default=100, help="measured steps after the warm-up (a multiple of 50)")
     parser.add_argument("--sampling_images", type=int, default=16)
+    parser.add_argument("--step_options", nargs="+", default=None,
+                        help="comma-separated sets of fused|foreach, channels_last, compile; default: fused on CPU, "
+                             "fused / fused,channels_last / fused,channels_last,compile / foreach on a GPU")
     parser.add_argument("--short", action="store_true", help="a few steps of the tiny preset: checks the benchmark runs, not its figures")
     parser.add_argument("--json", default=os.path.join(REPO, "benchmarks", "throughput.json"))
-    parser.add_argument("--_one", nargs=6, help=argparse.SUPPRESS)
+    parser.add_argument("--_one", nargs=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
 
     if args._one:
-        kind, preset, precision, batch_size, steps, warmup = args._one
+        kind, preset, precision, batch_size, steps, warmup, options = args._one
         if kind == "limit":
-            print(json.dumps(measure_limit(preset, precision, int(batch_size), int(steps), int(warmup))))
+            print(json.dumps(measure_limit(preset, precision, int(batch_size), int(steps), int(warmup), set(options.split(",")))))
         elif kind == "trainer":
-            print(json.dumps(measure_trainer(preset, precision, int(batch_size), int(steps))))
+            print(json.dumps(measure_trainer(preset, precision, int(batch_size), int(steps), set(options.split(",")))))
         else:
             print(json.dumps(measure_sampling(preset, int(batch_size))))
         return 0
@@ -175,20 +189,21 @@ def main() -> int:
     precisions = args.precisions or (["fp32"] if not gpu else ["fp32", "bf16"] + (["fp16"] if not torch.cuda.is_bf16_supported() else []))
     batch_size = args.batch_size or (8 if args.short else 128 if gpu else 64)
     steps = 50 if args.short else args.steps
+    variants = args.step_options or (["fused", "fused,channels_last", "fused,channels_last,compile", "foreach"] if gpu and not args.short else ["fused"])
     device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     print(f"device: {device} | torch {torch.__version__} | batch {batch_size} | {steps} measured steps after a {WARMUP_INTERVAL}-step warm-up")
     rows = []
-    header = f"{'preset':<8} {'precision':<9} {'limit img/s':>12} {'trainer img/s':>14} {'ratio':>6} {'limit peak MB':>14} {'trainer peak MB':>16}"
+    header = f"{'preset':<8} {'precision':<9} {'step options':<28} {'limit img/s':>12} {'trainer img/s':>14} {'ratio':>6} {'limit peak MB':>14} {'trainer peak MB':>16}"
     print(header)
-    for preset in presets:
-        for precision in precisions:
-            limit = _in_fresh_process("limit", preset, precision, batch_size, steps, WARMUP_INTERVAL if not args.short else 2)
-            trainer = _in_fresh_process("trainer", preset, precision, batch_size, steps, 0)
-            ratio = trainer["images_per_s"] / limit["images_per_s"]
-            row = {"preset": preset, "precision": precision, "batch_size": batch_size, "limit": limit, "trainer": trainer, "ratio": ratio}
-            rows.append(row)
-            print(f"{preset:<8} {precision:<9} {limit['images_per_s']:>12.1f} {trainer['images_per_s']:>14.1f} {ratio:>6.3f} "
-                  f"{limit['peak_memory_bytes'] / 2**20:>14.0f} {trainer['peak_memory_bytes'] / 2**20:>16.0f}", flush=True)
+    for preset, precision, options in itertools.product(presets, precisions, variants):
+        limit = _in_fresh_process("limit", preset, precision, batch_size, steps, WARMUP_INTERVAL if not args.short else 2, options)
+        trainer = _in_fresh_process("trainer", preset, precision, batch_size, steps, 0, options)
+        ratio = trainer["images_per_s"] / limit["images_per_s"]
+        row = {"preset": preset, "precision": precision, "step_options": options, "batch_size": batch_size,
+               "limit": limit, "trainer": trainer, "ratio": ratio}
+        rows.append(row)
+        print(f"{preset:<8} {precision:<9} {options:<28} {limit['images_per_s']:>12.1f} {trainer['images_per_s']:>14.1f} {ratio:>6.3f} "
+              f"{limit['peak_memory_bytes'] / 2**20:>14.0f} {trainer['peak_memory_bytes'] / 2**20:>16.0f}", flush=True)
     sampling = {preset: _in_fresh_process("sampling", preset, "fp32", 2 if args.short else args.sampling_images, 0, 0) for preset in presets}
     for preset, figures in sampling.items():
         print(f"sampling {preset}: DDIM-50 {figures['ddim_50_images_per_s']:.2f} img/s, DDPM-1000 {figures['ddpm_1000_images_per_s']:.3f} img/s")

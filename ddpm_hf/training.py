@@ -607,10 +607,12 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
         if progress.step == 0:
             write_diagnostics_at_start(config.output_dir, noise_scheduler.betas, alphas_cumprod, data.preview(4), config.seed)
 
-    evaluator = None
+    evaluator, evaluation_seconds = None, 0.0
     if config.eval_steps and accelerator.is_main_process:
+        build_started = time.perf_counter()  # training the digit classifier is the measurement's cost, not training's
         evaluator = Evaluator.build(config, data.channels, data.resolution, config.eval_extractor, os.environ.get("DDPM_HF_CACHE", DEFAULT_CACHE),
                                     config.inception_weights, seed=config.seed, device=device)
+        evaluation_seconds = time.perf_counter() - build_started
     evaluation_log = MetricsLog(config.output_dir, EVALUATION_FILE)
 
     # Every process holds a sampling copy: validation runs on all of them.
@@ -695,7 +697,10 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
         with interval.paused():
             if evaluator is not None and (progress.step % config.eval_steps == 0 or done):
                 scores = run_evaluation(evaluator, weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, data.num_classes)
-                evaluation_log.append({"step": progress.step, "images_seen": progress.images_seen, **scores})
+                evaluation_seconds += scores["eval_seconds"]
+                # Time to quality: the optimisation time, and this process's wall time less the evaluations (and the classifier's training).
+                evaluation_log.append({"step": progress.step, "images_seen": progress.images_seen, **scores,
+                                       "train_s": progress.train_seconds, "wall_s": time.time() - started - evaluation_seconds})
                 if config.report_to != "none":
                     accelerator.log({f"eval_{k}": v for k, v in scores.items()}, step=progress.step)
                 say(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))

@@ -243,4 +243,6 @@ def test_training_logs_fid_and_classifier_scores_every_eval_steps(tmp_path, monk
     rows = [json.loads(line) for line in (out / "evaluation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4]
     assert all(r["fid"] > 0 and 0 < r["mean_confidence"] <= 1 and r["class_entropy_bits"] >= 0 and r["eval_seconds"] > 0 for r in rows)
+    # The time-to-quality clocks: optimisation time, and wall time less the evaluations.
+    assert 0 < rows[0]["train_s"] < rows[1]["train_s"] and 0 < rows[0]["wall_s"] < rows[1]["wall_s"]
     assert list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))  # the classifier is trained once and kept
