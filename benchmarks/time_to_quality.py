@@ -2,7 +2,7 @@
 """Wall time until a recipe's EMA samples are good digits.
 
     python benchmarks/time_to_quality.py                                   # configs/fast-digits-cpu.yaml
-    python benchmarks/time_to_quality.py --mixed_precision bf16 --channels_last   # a GPU: extra flags go to train_ddpm.py
+    python benchmarks/time_to_quality.py --mixed_precision=bf16 --channels_last   # a GPU: extra flags (--flag=value) go to train_ddpm.py
     python benchmarks/time_to_quality.py --short                           # CI: a few steps, checks it runs
 
 It trains the recipe as a user would (`train_ddpm.py CONFIG`) with the in-training evaluation

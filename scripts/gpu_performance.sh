@@ -12,7 +12,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 python3 benchmarks/throughput.py --presets cifar10 tiny --precisions bf16 --batch_size 128 \
   --json "$out/throughput.json" 2>&1 | tee "$out/throughput.txt"
 python3 benchmarks/time_to_quality.py configs/fast-digits-cpu.yaml --eval_steps 100 --json "$out/time_to_quality.json" \
-  --mixed_precision bf16 --channels_last 2>&1 | grep -v "it/s" | tee "$out/time_to_quality.txt"
+  --mixed_precision=bf16 --channels_last 2>&1 | grep -v "it/s" | tee "$out/time_to_quality.txt"
 python3 - "$out" <<'PY'
 import sys, torch
 from torch.profiler import ProfilerActivity, profile, schedule

@@ -21,7 +21,7 @@ def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
 
 def test_time_to_quality_short_mode_runs_the_recipe_and_reports_its_evaluations(tmp_path):
     out = tmp_path / "ttq.json"
-    result = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--short", "--json", str(out), "--max_train_samples", "600"],
+    result = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--short", "--json", str(out), "--max_train_samples=600"],
                             cwd=REPO, env=cli_env(DDPM_HF_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "configs/fast-digits-cpu.yaml" in result.stdout and "not reached in 4 steps" in result.stdout  # 4 steps draw no digits
