@@ -247,8 +247,8 @@ def optimisation_step(accelerator, model, unet, optimizer, lr_scheduler, ema, da
     """One optimizer step over ``gradient_accumulation_steps`` micro-batches, then the EMA update.
 
     A non-finite loss, or a non-finite gradient without an fp16 grad scaler (which skips those
-    itself), skips the update: no optimizer step, no EMA update. The decision stays on the device
-    (see apply_update), so on a GPU the step never waits for the host.
+    itself), skips the update: no optimizer step, no EMA update. With fused AdamW the decision
+    stays on the device (see apply_update), so on a GPU the step never waits for the host.
 
     :returns: (mean loss, gradient norm, whether the update was applied) as device tensors, and
       the last micro-batch's timesteps (for the report of a skipped step).
@@ -364,12 +364,11 @@ class LoggingInterval:
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
-        self.applied_count = torch.zeros((), device=device)
         self._restart()
 
     def _restart(self) -> None:
-        for total in (self.loss_sum, self.grad_norm_sum, self.applied_count):
-            total.zero_()
+        self.loss_sum.zero_()
+        self.grad_norm_sum.zero_()
         self.step_numbers: list[int] = []
         self.outcomes: list[torch.Tensor] = []  # per step: (applied, t min, t max) on the device
         self.started, self.paused_seconds = time.perf_counter(), 0.0
@@ -378,7 +377,6 @@ class LoggingInterval:
         # where(), not multiplication: 0 * NaN would still be NaN.
         self.loss_sum += torch.where(applied, loss, 0.0)
         self.grad_norm_sum += torch.where(applied, grad_norm, 0.0)
-        self.applied_count += applied
         self.step_numbers.append(step)
         self.outcomes.append(torch.stack([applied.to(timesteps.dtype), timesteps.min(), timesteps.max()]))
 
