@@ -380,6 +380,10 @@ class LoggingInterval:
         self.step_numbers.append(step)
         self.outcomes.append(torch.stack([applied.to(timesteps.dtype), timesteps.min(), timesteps.max()]))
 
+    def running_seconds(self) -> float:
+        """The optimisation time of this interval so far (call it outside ``paused``)."""
+        return time.perf_counter() - self.started - self.paused_seconds
+
     @contextlib.contextmanager
     def paused(self):
         started = time.perf_counter()
@@ -391,7 +395,7 @@ class LoggingInterval:
     def close(self, accelerator: Accelerator) -> IntervalSummary:
         """Read the interval from the device (the one wait of the interval) and start the next one.
         Skipped (non-finite) steps count in the time but not in the means."""
-        seconds = max(time.perf_counter() - self.started - self.paused_seconds, 1e-9)
+        seconds = max(self.running_seconds(), 1e-9)
         outcomes = torch.stack(self.outcomes).tolist() if self.outcomes else []
         applied = sum(int(flag) for flag, _, _ in outcomes)
         mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / applied if applied else float("nan")
@@ -692,13 +696,14 @@ def _train(config: TrainingConfig, stop_request: StopRequest, cleanup: contextli
                     accelerator.log({k: v for k, v in row.items() if k != "step"}, step=progress.step)
             progress_bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
 
+        train_seconds_so_far = progress.train_seconds + interval.running_seconds()  # an evaluation may fall between logging steps
         with interval.paused():
             if evaluator is not None and (progress.step % config.eval_steps == 0 or done):
                 scores = run_evaluation(evaluator, weights_for_sampling(unet, ema, sampling_unet), noise_scheduler, config, data.num_classes)
                 evaluation_seconds += scores["eval_seconds"]
                 # Time to quality: the optimisation time, and this process's wall time less the evaluations (and the classifier's training).
                 evaluation_log.append({"step": progress.step, "images_seen": progress.images_seen, **scores,
-                                       "train_s": progress.train_seconds, "wall_s": time.time() - started - evaluation_seconds})
+                                       "train_s": train_seconds_so_far, "wall_s": time.time() - started - evaluation_seconds})
                 if config.report_to != "none":
                     accelerator.log({f"eval_{k}": v for k, v in scores.items()}, step=progress.step)
                 say(f"step {progress.step}: " + ", ".join(f"{k} {v:.4g}" for k, v in scores.items()))
