@@ -9,11 +9,18 @@ import sys
 
 from ddpm_hf.cli import run_command
 from ddpm_hf.config import parse_config
-from ddpm_hf.training import train
 
 
 def main(argv=None) -> int:
-    return run_command(lambda: train(parse_config(argv)))
+    def parse_then_train():
+        config = parse_config(argv)
+        # Imported once the flags are valid: a mistyped flag is reported in about a second,
+        # not after the five seconds torch, diffusers and datasets take to load.
+        from ddpm_hf.training import train
+
+        train(config)
+
+    return run_command(parse_then_train)
 
 
 if __name__ == "__main__":
