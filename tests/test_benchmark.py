@@ -16,6 +16,9 @@ def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
     report = json.loads(out.read_text())
     (row,) = report["rows"]
     assert row["preset"] == "tiny" and row["limit"]["images_per_s"] > 0 and row["trainer"]["images_per_s"] > 0 and row["ratio"] > 0
+    # Each side reports its best 50-step window: one window of the limit, one logging interval of the trainer.
+    for side in ("limit", "trainer"):
+        assert len(row[side]["window_images_per_s"]) == 1 and row[side]["images_per_s"] == max(row[side]["window_images_per_s"])
     assert report["sampling"]["tiny"]["ddim_50_images_per_s"] > 0
 
 
