@@ -41,8 +41,9 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-WARMUP_INTERVAL = 50  # the trainer's default logging interval; the first one is the warm-up
-WINDOW = 50  # steps per timed window, on both sides: the trainer's logging interval
+# The trainer's default logging interval: its first one is the warm-up, and both sides are timed
+# in windows of this many steps (the trainer's metrics rows are its windows).
+INTERVAL = 50
 
 
 def _device():
@@ -88,15 +89,15 @@ def measure_limit(preset: str, precision: str, batch_size: int, steps: int, warm
     for _ in range(warmup):
         step()
     windows = []
-    for _ in range(steps // WINDOW):
+    for _ in range(steps // INTERVAL):
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        for _ in range(WINDOW):
+        for _ in range(INTERVAL):
             step()
         if device.type == "cuda":
             torch.cuda.synchronize()
-        windows.append(WINDOW * batch_size / (time.perf_counter() - started))
+        windows.append(INTERVAL * batch_size / (time.perf_counter() - started))
     peak, kind = peak_memory_bytes(device)
     return {"window_images_per_s": windows, "peak_memory_bytes": peak, "peak_memory_kind": kind}
 
@@ -120,7 +121,7 @@ def measure_trainer(preset: str, precision: str, batch_size: int, steps: int, op
         dataset = _rgb_dataset(os.path.join(scratch, "rgb")) if preset == "cifar10" else "mnist-5k-offline"
         config = TrainingConfig(
             dataset_name=dataset, model_preset=preset, train_batch_size=batch_size, mixed_precision=precision if precision != "fp32" else "no",
-            max_train_steps=WARMUP_INTERVAL + steps, report_to="none", save_images_steps=0, checkpointing_steps=0,
+            max_train_steps=INTERVAL + steps, report_to="none", save_images_steps=0, checkpointing_steps=0,
             output_dir=os.path.join(scratch, "run"), eval_batch_size=1, num_inference_steps=1,
             optimizer_implementation="foreach" if "foreach" in options else "fused", channels_last="channels_last" in options,
             torch_compile="compile" in options,
@@ -128,8 +129,8 @@ def measure_trainer(preset: str, precision: str, batch_size: int, steps: int, op
         stats = train(config)
         with open(os.path.join(config.output_dir, "metrics.jsonl")) as f:
             rows = [json.loads(line) for line in f]
-    # One row per logging interval (WINDOW steps), each with the images/s of its optimisation steps.
-    return {"window_images_per_s": [r["images_per_s"] for r in rows if r["step"] > WARMUP_INTERVAL],
+    # One row per logging interval (INTERVAL steps), each with the images/s of its optimisation steps.
+    return {"window_images_per_s": [r["images_per_s"] for r in rows if r["step"] > INTERVAL],
             "peak_memory_bytes": stats["peak_memory_bytes"], "peak_memory_kind": stats["peak_memory_kind"]}
 
 
@@ -203,20 +204,20 @@ def main() -> int:
     presets = args.presets or (["tiny"] if args.short else ["tiny", "mnist"] + (["cifar10"] if gpu else []))
     precisions = args.precisions or (["fp32"] if not gpu else ["fp32", "bf16"] + (["fp16"] if not torch.cuda.is_bf16_supported() else []))
     batch_size = args.batch_size or (8 if args.short else 128 if gpu else 64)
-    steps = WINDOW if args.short else args.steps
+    steps = INTERVAL if args.short else args.steps
     rounds = 1 if args.short else args.rounds
-    if steps % WINDOW or steps <= 0 or rounds <= 0:
-        parser.error(f"--steps must be a positive multiple of {WINDOW} and --rounds positive")
+    if steps % INTERVAL or steps <= 0 or rounds <= 0:
+        parser.error(f"--steps must be a positive multiple of {INTERVAL} and --rounds positive")
     variants = args.step_options or (["fused", "fused,channels_last", "fused,channels_last,compile", "foreach"] if gpu and not args.short else ["fused"])
     device = torch.cuda.get_device_name() if gpu else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    print(f"device: {device} | torch {torch.__version__} | batch {batch_size} | {rounds} x {steps} measured steps after a {WARMUP_INTERVAL}-step warm-up, best {WINDOW}-step window")
+    print(f"device: {device} | torch {torch.__version__} | batch {batch_size} | {rounds} x {steps} measured steps after a {INTERVAL}-step warm-up, best {INTERVAL}-step window")
     rows = []
     header = f"{'preset':<8} {'precision':<9} {'step options':<28} {'limit img/s':>12} {'trainer img/s':>14} {'ratio':>6} {'limit peak MB':>14} {'trainer peak MB':>16}"
     print(header)
     for preset, precision, options in itertools.product(presets, precisions, variants):
         limits, trainers = [], []
         for _ in range(rounds):
-            limits.append(_in_fresh_process("limit", preset, precision, batch_size, steps, WARMUP_INTERVAL if not args.short else 2, options))
+            limits.append(_in_fresh_process("limit", preset, precision, batch_size, steps, INTERVAL if not args.short else 2, options))
             trainers.append(_in_fresh_process("trainer", preset, precision, batch_size, steps, 0, options))
         limit, trainer = best_of_rounds(limits), best_of_rounds(trainers)
         ratio = trainer["images_per_s"] / limit["images_per_s"]
@@ -229,7 +230,7 @@ def main() -> int:
     for preset, figures in sampling.items():
         print(f"sampling {preset}: DDIM-50 {figures['ddim_50_images_per_s']:.2f} img/s, DDPM-1000 {figures['ddpm_1000_images_per_s']:.3f} img/s")
     with open(args.json, "w") as f:
-        json.dump({"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rounds": rounds, "window_steps": WINDOW, "rows": rows, "sampling": sampling}, f, indent=2)
+        json.dump({"device": device, "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"), "rounds": rounds, "window_steps": INTERVAL, "rows": rows, "sampling": sampling}, f, indent=2)
     return 0
 
 
