@@ -1,9 +1,11 @@
 """Resumable checkpoints: `accelerator.save_state` written atomically, rotated, found again, checked.
 
 Layout: ``output_dir/checkpoints/checkpoint-<step>/`` holds what `accelerate` saves (model
-weights in safetensors, optimizer, grad scaler, RNG states of every process, and the registered
-objects: EMA, lr scheduler, training progress) plus ``run_info.json``: the training config and
-the resolved UNet config, so a resume with another architecture or schedule is refused.
+weights in safetensors, optimizer, grad scaler, RNG states of every process) plus two files of
+ours: ``custom_checkpoint_0.pkl``, the one object registered with accelerate, a `NamedState`
+whose parts (progress, EMA, lr scheduler, timestep sampler, data position, early stopping) are
+stored and found again by name; and ``run_info.json``: the training config and the resolved
+UNet config, so a resume with another architecture or schedule is refused.
 
 A checkpoint is written into ``.tmp-checkpoint-<step>``, flushed to disk, and renamed only once
 complete, so a crash mid-write never leaves a folder that looks like a checkpoint. A resume
@@ -16,14 +18,16 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 
+import torch
 from accelerate import Accelerator
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .files import publish, remove, staging_path
 
 CHECKPOINTS = "checkpoints"
 RUN_INFO = "run_info.json"
+TRAINING_STATE = "custom_checkpoint_0.pkl"  # where accelerate saves the one NamedState registered with it
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 
 # Config fields that define the network, the diffusion process or the checkpoint's contents: a
@@ -38,6 +42,32 @@ ARCHITECTURE_FIELDS = (
 )
 
 
+class NamedState:
+    """The training state beside the model and optimizer, saved and loaded by name.
+
+    ``parts`` maps a name to an object with ``state_dict``/``load_state_dict``. Registered with
+    `accelerator.register_for_checkpointing` as the only custom object, so accelerate's own
+    save and load (and its per-process rules) carry it; nothing depends on registration order."""
+
+    def __init__(self, **parts):
+        self.parts = parts
+
+    def state_dict(self) -> dict:
+        return {name: part.state_dict() for name, part in self.parts.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = sorted(set(self.parts) - set(state))
+        if missing:
+            raise ValueError(f"the checkpoint's training state has no {', '.join(missing)}")
+        for name, part in self.parts.items():
+            part.load_state_dict(state[name])
+
+
+def read_training_state(checkpoint: str) -> dict:
+    """A checkpoint's named training state, {name: state dict}, read without a model (for tools and tests)."""
+    return torch.load(os.path.join(checkpoint, TRAINING_STATE), map_location="cpu", weights_only=False)
+
+
 def checkpoints_root(output_dir: str) -> str:
     return os.path.join(output_dir, CHECKPOINTS)
 
@@ -45,7 +75,7 @@ def checkpoints_root(output_dir: str) -> str:
 def checkpoint_problem(path: str) -> str | None:
     """Why ``path`` cannot be resumed from (missing, empty or unreadable files), or None if it looks whole."""
     try:
-        info = read_run_info(path)
+        read_run_info(path)
     except FileNotFoundError:
         return f"no {RUN_INFO} (an interrupted save)"
     except (OSError, ValueError) as e:
@@ -54,7 +84,7 @@ def checkpoint_problem(path: str) -> str | None:
     weights = [n for n in names if n.startswith("model") and n.endswith((".safetensors", ".bin"))]
     if not weights:
         return "no model weights"
-    required = ["optimizer.bin", "random_states_0.pkl"] + [f"custom_checkpoint_{i}.pkl" for i in range(info.get("custom_objects", 0))]
+    required = ["optimizer.bin", "random_states_0.pkl", TRAINING_STATE]
     for name in required + weights:
         if name not in names:
             return f"{name} is missing"
@@ -68,7 +98,7 @@ def checkpoint_problem(path: str) -> str | None:
                 with safe_open(os.path.join(path, name), framework="pt") as f:
                     f.keys()
             except Exception as e:  # safetensors reports a truncated or garbled file in several ways
-                return f"{name} is corrupt ({str(e).splitlines()[0]})"
+                return f"{name} is corrupt ({first_line(e)})"
     return None
 
 
@@ -146,9 +176,9 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, run_in
     """Save the full training state for ``step``; every process must call this."""
     root = checkpoints_root(output_dir)
     final = os.path.join(root, f"checkpoint-{step}")
-    partial = os.path.join(root, f".tmp-checkpoint-{step}")
+    partial = staging_path(final)  # resume_candidates reports and skips these
     if accelerator.is_main_process:
-        shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier attempt at this step
+        remove(partial)  # left by a crash during an earlier attempt at this step
         os.makedirs(partial)
     accelerator.wait_for_everyone()
     try:
@@ -156,38 +186,17 @@ def save_checkpoint(accelerator: Accelerator, output_dir: str, step: int, run_in
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             with open(os.path.join(partial, RUN_INFO), "w") as f:
-                json.dump({**run_info, "step": step, "custom_objects": len(accelerator._custom_objects)}, f, indent=2)
-            _flush_to_disk(partial)
+                json.dump({**run_info, "step": step}, f, indent=2)
+            # Flushed, then renamed: replaces the same step's folder (a resumed run that ends where it began).
+            publish(partial, final, durable=True)
     except Exception as e:  # a full disk shows up as OSError, or as safetensors' or torch's own error types
-        shutil.rmtree(partial, ignore_errors=True)
+        remove(partial)
         previous = list_checkpoints(output_dir)
         kept = f"the newest complete checkpoint, {previous[-1][1]}, is intact" if previous else "no earlier checkpoint exists"
-        raise UserError(f"could not write the checkpoint for step {step} in {root} ({str(e).strip().splitlines()[0]}); {kept}; "
+        raise UserError(f"could not write the checkpoint for step {step} in {root} ({first_line(e)}); {kept}; "
                         "free some disk space and run the same command with --resume_from_checkpoint latest") from None
-    if accelerator.is_main_process:
-        if os.path.exists(final):  # re-saving the same step (a resumed run that ends where it began)
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        _fsync_directory(root)
-        if total_limit is not None:
-            for _, old in list_checkpoints(output_dir)[:-total_limit]:
-                shutil.rmtree(old)
+    if accelerator.is_main_process and total_limit is not None:
+        for _, old in list_checkpoints(output_dir)[:-total_limit]:
+            remove(old)
     accelerator.wait_for_everyone()
     return final
-
-
-def _fsync_directory(path: str) -> None:
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
-def _flush_to_disk(folder: str) -> None:
-    """fsync every file and the folder itself, so the rename that follows publishes complete data."""
-    for directory, _, files in os.walk(folder):
-        for name in files:
-            with open(os.path.join(directory, name), "rb") as f:
-                os.fsync(f.fileno())
-        _fsync_directory(directory)

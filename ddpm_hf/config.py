@@ -12,7 +12,7 @@ from typing import Literal, Optional
 import yaml
 from transformers import HfArgumentParser
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 OFFLINE_MNIST = "mnist-5k-offline"
 MODEL_PRESETS = ("tiny", "mnist", "cifar10")
@@ -240,7 +240,7 @@ def load_config_file(path: str) -> dict:
         try:
             values = json.load(f) if path.endswith(".json") else yaml.safe_load(f)
         except (json.JSONDecodeError, yaml.YAMLError) as e:
-            raise UserError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {e}".splitlines()[0]) from None
+            raise UserError(f"config file {path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {first_line(e)}") from None
     if not isinstance(values, dict):
         raise UserError(f"config file {path} must hold a mapping of option names to values")
     known = {f.name for f in dataclasses.fields(TrainingConfig)}

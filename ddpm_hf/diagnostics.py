@@ -17,14 +17,13 @@ import torch
 from .data import to_model_input
 from .objective import q_sample
 from .plots import plot_schedule, plot_timestep_profile
-from .sampling import image_grid
-from .seeds import derive_seed
+from .generation import image_grid
+from .seeds import Stream, generator
 
 DIAGNOSTICS = "diagnostics"
 # Where along the chain the forward-process strip looks, as fractions of T: for T = 1000 these
 # are t = 0, 100, 250, 500, 750 and 999.
 STRIP_FRACTIONS = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
-STRIP_STREAM = 2**31 - 2  # seed stream for the strip's noise; unused by training steps
 
 
 def schedule_rows(betas: torch.Tensor, alphas_cumprod: torch.Tensor) -> list[dict]:
@@ -49,8 +48,7 @@ def forward_process_strip(images: torch.Tensor, alphas_cumprod: torch.Tensor, se
     """
     x0 = to_model_input(images.cpu())
     timesteps = strip_timesteps(len(alphas_cumprod))
-    generator = torch.Generator("cpu").manual_seed(derive_seed(seed, STRIP_STREAM))
-    noise = torch.randn(x0.shape, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator(Stream.DIAGNOSTICS, seed))
     abar = alphas_cumprod.float().cpu()
     columns = [q_sample(x0, noise, torch.full((len(x0),), t), abar) for t in timesteps]
     strip = torch.stack(columns, dim=1).flatten(0, 1)  # row-major: image by image, t along the row

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import UserError
+from .errors import UserError, first_line
+from .files import atomic_path
 
 CLASSIFIER_SIDE = 28
 # Bumped whenever the classifier's training changes, so cached classifiers and statistics are redone.
@@ -142,11 +143,9 @@ class DigitFeatures:
                 model.load_state_dict(load_file(path))
                 return cls(model, fingerprint, float(metadata["accuracy"]), device)
         model, accuracy = train_digit_classifier(images, labels, num_classes, seed)
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        partial = path + ".tmp"
-        save_file(model.state_dict(), partial, metadata={"data_sha256": fingerprint, "seed": str(seed), "num_classes": str(num_classes),
-                                                       "accuracy": f"{accuracy:.6f}", "version": CLASSIFIER_VERSION})
-        os.replace(partial, path)
+        with atomic_path(path) as partial:
+            save_file(model.state_dict(), partial, metadata={"data_sha256": fingerprint, "seed": str(seed), "num_classes": str(num_classes),
+                                                           "accuracy": f"{accuracy:.6f}", "version": CLASSIFIER_VERSION})
         return cls(model, fingerprint, accuracy, device)
 
     @torch.no_grad()
@@ -235,7 +234,7 @@ class InceptionFeatures:
         try:
             self.model = extractor_class("inception-v3-compat", ["2048"], feature_extractor_weights_path=path).to(device)
         except (RuntimeError, OSError, KeyError) as e:
-            raise UserError(f"cannot load Inception weights from {path}: {str(e).splitlines()[0]}") from None
+            raise UserError(f"cannot load Inception weights from {path}: {first_line(e)}") from None
         self.device = torch.device(device)
 
     @torch.no_grad()

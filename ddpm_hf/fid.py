@@ -11,11 +11,12 @@ round-off as a general matrix square root gives.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+
+from .files import atomic_path
 
 
 @dataclass
@@ -34,10 +35,8 @@ class FeatureStatistics:
         return cls(mu=array.mean(axis=0), sigma=np.cov(array, rowvar=False), count=len(array))
 
     def save(self, path: str) -> None:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        partial = path + ".tmp.npz"
-        np.savez(partial, mu=self.mu, sigma=self.sigma, count=self.count)
-        os.replace(partial, path)
+        with atomic_path(path) as partial, open(partial, "wb") as f:  # a file object: np.savez would add .npz to a name
+            np.savez(f, mu=self.mu, sigma=self.sigma, count=self.count)
 
     @classmethod
     def load(cls, path: str) -> "FeatureStatistics":

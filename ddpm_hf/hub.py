@@ -9,7 +9,7 @@ import urllib.request
 
 from huggingface_hub import constants, get_token
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 OFFLINE_HINT = (
     "train offline with --dataset_name mnist-5k-offline (bundled digits) or --train_data_dir DIR (local images), "
@@ -75,7 +75,7 @@ class HubPusher:
         try:
             self.repo_id = self.api.create_repo(repo_id, private=private, exist_ok=True).repo_id
         except Exception as e:  # HfHubHTTPError, connection errors, ...: all about the user's setup
-            raise UserError(f"cannot create or open the Hub repo '{repo_id}' at {hub_endpoint()}: {_first_line(e)}; "
+            raise UserError(f"cannot create or open the Hub repo '{repo_id}' at {hub_endpoint()}: {first_line(e)}; "
                             "check --hub_model_id and your token (`hf auth login` or --hub_token)") from None
         self.pending = []  # futures of checkpoint uploads
 
@@ -101,7 +101,7 @@ class HubPusher:
         for future in self.pending:
             error = future.exception()
             if error is not None:
-                failures.append(_first_line(error))
+                failures.append(first_line(error))
         self.pending = []
         return failures
 
@@ -111,13 +111,9 @@ class HubPusher:
             info = self.api.upload_folder(repo_id=self.repo_id, folder_path=output_dir, allow_patterns=[*PUSHED_PATTERNS, *extra_files],
                                           commit_message=commit_message)
         except Exception as e:
-            raise UserError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {_first_line(e)}; "
+            raise UserError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {first_line(e)}; "
                             f"push it later with `hf upload {self.repo_id} {output_dir}`") from None
         return getattr(info, "commit_url", str(info))
-
-
-def _first_line(error: BaseException) -> str:
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None) -> str:

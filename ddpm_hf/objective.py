@@ -3,7 +3,7 @@
 Nothing here owns a model, an optimizer or a process group, so every identity can be tested
 in isolation: the forward process q(x_t | x_0), the three regression targets that `diffusers`
 schedulers understand, the per-timestep loss weights, the timestep samplers, and the per-example
-loss of any network passed in.
+loss of any network passed in, bundled with its settings in `DiffusionObjective`.
 
 Symbols follow the paper: ``abar_t`` is alpha-bar_t = prod_{s<=t} (1 - beta_s), ``eps`` the
 Gaussian noise, ``x0`` the clean image, ``x_t`` the noised one.
@@ -11,13 +11,14 @@ Gaussian noise, ``x0`` the clean image, ``x_t`` the noised one.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Literal
 
 import torch
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
 LossWeighting = Literal["simple", "snr", "min_snr"]
-TimestepSampling = Literal["uniform", "stratified"]  # loss_aware is stateful: see resample.py
+TimestepSampling = Literal["uniform", "stratified"]  # the draws; resample.py wraps them (and loss_aware) as samplers
 
 
 def _per_example(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -153,22 +154,36 @@ def per_example_loss(
     return squared_error.mean(dim=tuple(range(1, squared_error.ndim))) * weights.float()
 
 
-def diffusion_losses(
-    model,
-    x0: torch.Tensor,
-    noise: torch.Tensor,
-    timesteps: torch.Tensor,
-    alphas_cumprod: torch.Tensor,
-    prediction_type: PredictionType,
-    weighting: LossWeighting,
-    snr_gamma: float = 5.0,
-    class_labels: torch.Tensor | None = None,
-) -> torch.Tensor:
-    """Per-example weighted losses (B,) of ``model`` (a UNet2DModel or its wrapper) on one batch
-    (Ho et al. algorithm 1, lines 2-5); ``class_labels`` only for a class-conditional UNet."""
-    x_t = q_sample(x0, noise, timesteps, alphas_cumprod)
-    extra = {} if class_labels is None else {"class_labels": class_labels}
-    prediction = model(x_t, timesteps, **extra).sample
-    target = training_target(x0, noise, timesteps, alphas_cumprod, prediction_type)
-    weights = loss_weights(timesteps, alphas_cumprod, prediction_type, weighting, snr_gamma)
-    return per_example_loss(prediction, target, weights)
+@dataclass(frozen=True)
+class DiffusionObjective:
+    """The training loss with its settings: callers pass tensors, never the five settings again.
+
+    :param alphas_cumprod: abar_t for t = 0..T-1, (T,), on the training device.
+    :param prediction_type: the regression target.
+    :param weighting: the per-timestep weight (see `loss_weights`).
+    :param snr_gamma: gamma of min-SNR weighting.
+    """
+
+    alphas_cumprod: torch.Tensor
+    prediction_type: PredictionType = "epsilon"
+    weighting: LossWeighting = "simple"
+    snr_gamma: float = 5.0
+
+    @classmethod
+    def from_config(cls, config, alphas_cumprod: torch.Tensor) -> "DiffusionObjective":
+        return cls(alphas_cumprod, config.prediction_type, config.loss_weighting, config.snr_gamma)
+
+    @property
+    def num_timesteps(self) -> int:
+        return len(self.alphas_cumprod)
+
+    def losses(self, model, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+               class_labels: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-example weighted losses (B,) of ``model`` (a UNet2DModel or its wrapper) on one batch
+        (Ho et al. algorithm 1, lines 2-5); ``class_labels`` only for a class-conditional UNet."""
+        x_t = q_sample(x0, noise, timesteps, self.alphas_cumprod)
+        extra = {} if class_labels is None else {"class_labels": class_labels}
+        prediction = model(x_t, timesteps, **extra).sample
+        target = training_target(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
+        weights = loss_weights(timesteps, self.alphas_cumprod, self.prediction_type, self.weighting, self.snr_gamma)
+        return per_example_loss(prediction, target, weights)

@@ -9,102 +9,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
-import numpy as np
 import torch
-from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
-from tqdm.auto import tqdm
 
 from .cli import OneLineArgumentParser, run_command
 from .errors import UserError
-from .pipeline import ClassConditionalDDPMPipeline
-from .sampling import image_grid
-from .seeds import derive_seed
-
-# Samplers a DDPM-trained network can use without retraining, on the training schedule.
-SCHEDULERS = {
-    "ddpm": lambda config: DDPMScheduler.from_config(config),
-    "ddim": lambda config: DDIMScheduler.from_config(config),
-    "dpm++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
-}
-SAMPLE_STREAM = 3  # seeds (seed, SAMPLE_STREAM, i): apart from the training loop's (seed, step, micro)
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_unet_and_schedule(model: str) -> tuple[UNet2DModel, dict]:
-    """The UNet and the training scheduler's config from a pipeline folder or Hub id."""
-    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
-        raise UserError(f"{model} is not a folder; pass a folder written by train_ddpm.py or a Hub model id")
-    try:
-        unet = UNet2DModel.from_pretrained(model, subfolder="unet")
-        scheduler_config = DDPMScheduler.load_config(model, subfolder="scheduler")
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot load a trained pipeline from {model}: {str(e).strip().splitlines()[0]}") from None
-    return unet.eval(), scheduler_config
-
-
-def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, device: torch.device | None = None):
-    """A pipeline over ``unet`` with the chosen sampler (class-conditional if the UNet takes labels)."""
-    if scheduler not in SCHEDULERS:
-        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
-    noise_scheduler = SCHEDULERS[scheduler](scheduler_config)
-    if unet.config.num_class_embeds:
-        pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
-    elif scheduler == "ddim":  # DDIMPipeline passes eta on to the scheduler
-        pipeline = DDIMPipeline(unet=unet, scheduler=noise_scheduler)
-    else:
-        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device or default_device())
-
-
-def class_labels_for(pipeline, num_images: int, class_label: int | None) -> torch.Tensor | None:
-    """Labels for a conditional model: the one asked for, else every class in turn (balanced)."""
-    if not isinstance(pipeline, ClassConditionalDDPMPipeline):
-        if class_label is not None:
-            raise UserError("--class_label needs a class-conditional model; this one was trained without labels")
-        return None
-    if class_label is not None:
-        if not 0 <= class_label < pipeline.num_classes:
-            raise UserError(f"--class_label must be in 0..{pipeline.num_classes - 1} for this model, got {class_label}")
-        return torch.full((num_images,), class_label)
-    return torch.arange(num_images) % pipeline.num_classes
-
-
-@torch.no_grad()
-def draw_images(pipeline, num_images: int, batch_size: int, num_inference_steps: int, seed: int, eta: float = 0.0,
-                class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, progress: bool = True) -> torch.Tensor:
-    """(N, C, H, W) uint8 images; image i depends only on (seed, i) and the sampler settings."""
-    batches = []
-    for start in tqdm(range(0, num_images, batch_size), desc="sampling", unit="batch", disable=not progress):
-        indices = range(start, min(start + batch_size, num_images))
-        generators = [torch.Generator("cpu").manual_seed(derive_seed(seed, SAMPLE_STREAM, i)) for i in indices]
-        options = dict(generator=generators, num_inference_steps=num_inference_steps, output_type="np")
-        if isinstance(pipeline, ClassConditionalDDPMPipeline):
-            images = pipeline(class_labels[start : start + len(indices)], guidance_scale=guidance_scale, eta=eta, **options).images
-        elif isinstance(pipeline, DDIMPipeline):
-            images = pipeline(batch_size=len(indices), eta=eta, **options).images
-        else:
-            images = pipeline(batch_size=len(indices), **options).images
-        batches.append(torch.from_numpy((np.clip(images, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
-    return torch.cat(batches)
-
-
-def save_images(images: torch.Tensor, grid: str | None, out_dir: str | None, columns: int | None = None) -> None:
-    """A grid PNG and/or one PNG per image."""
-    as_floats = images.permute(0, 2, 3, 1).float().numpy() / 255
-    if grid:
-        os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-        image_grid(as_floats, columns).save(grid)
-    if out_dir:
-        os.makedirs(out_dir, exist_ok=True)
-        for i, image in enumerate(as_floats):
-            image_grid(image[None], 1).crop((2, 2, 2 + image.shape[1], 2 + image.shape[0])).save(os.path.join(out_dir, f"{i:05d}.png"))
+from .generation import (SCHEDULERS, build_pipeline, class_labels_for, default_device, default_steps, draw_images,
+                         load_unet_and_schedule, save_images)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,10 +44,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if not args.grid and not args.out_dir:
         raise UserError("say where the images go: --grid PATH and/or --out_dir DIR")
     return args
-
-
-def default_steps(scheduler: str, scheduler_config: dict) -> int:
-    return {"ddpm": scheduler_config["num_train_timesteps"], "ddim": 50, "dpm++": 20}[scheduler]
 
 
 def main(argv=None) -> None:

@@ -14,12 +14,11 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from .data import ValidationImages, to_model_input
-from .objective import diffusion_losses, sample_timesteps
-from .seeds import derive_seed
+from .data import to_model_input
+from .sources import ValidationImages
+from .objective import DiffusionObjective, sample_timesteps
+from .seeds import Stream, generator
 
-# A stream id that no (seed, step, micro-batch) triple of the training loop uses.
-VALIDATION_STREAM = 2**31 - 1
 PROFILE_BINS = 20
 
 
@@ -38,17 +37,19 @@ class ValidationSet:
 
 def make_validation_set(held_out: ValidationImages, num_timesteps: int, seed: int) -> ValidationSet:
     """Attach one (t, eps) per example, drawn on the CPU from ``seed`` so every device gets the same."""
-    generator = torch.Generator("cpu").manual_seed(derive_seed(seed, VALIDATION_STREAM))
+    draws = generator(Stream.VALIDATION, seed)
     count, shape = len(held_out), tuple(held_out.images.shape[1:])
-    timesteps = sample_timesteps(count, num_timesteps, "stratified", generator)
-    noise = torch.randn((count, *shape), generator=generator)
+    timesteps = sample_timesteps(count, num_timesteps, "stratified", draws)
+    noise = torch.randn((count, *shape), generator=draws)
     device = held_out.images.device
     return ValidationSet(held_out.images, held_out.labels, timesteps.to(device), noise.to(device))
 
 
 @torch.no_grad()
-def validation_losses(unet, validation: ValidationSet, alphas_cumprod: torch.Tensor, config, accelerator, batch_size: int) -> torch.Tensor:
-    """The per-example validation loss (N,), identical on every process.
+def validation_losses(unet, validation: ValidationSet, objective: DiffusionObjective, accelerator, batch_size: int,
+                      class_conditional: bool = False) -> torch.Tensor:
+    """The per-example validation loss (N,), identical on every process; ``class_conditional``:
+    the network takes the examples' labels.
 
     Each process evaluates one contiguous share of the set (padded to equal length, as
     all-gather needs), the shares are gathered, and the padding is dropped.
@@ -61,14 +62,10 @@ def validation_losses(unet, validation: ValidationSet, alphas_cumprod: torch.Ten
     losses = []
     for start in range(0, share, batch_size):
         index = positions[start : start + batch_size]
-        labels = validation.labels[index] if config.class_conditional else None
+        labels = validation.labels[index] if class_conditional else None
         with accelerator.autocast():
-            losses.append(
-                diffusion_losses(
-                    unet, to_model_input(validation.images[index]), validation.noise[index], validation.timesteps[index],
-                    alphas_cumprod, config.prediction_type, config.loss_weighting, config.snr_gamma, class_labels=labels,
-                ).float()
-            )
+            x0 = to_model_input(validation.images[index])
+            losses.append(objective.losses(unet, x0, validation.noise[index], validation.timesteps[index], labels).float())
     mine = torch.cat(losses) if losses else torch.zeros(0, device=positions.device)
     gathered, kept = accelerator.gather(mine), accelerator.gather(real.long())  # gloo cannot gather bools
     return gathered[kept.bool()]

@@ -11,15 +11,8 @@ import pytest
 import torch
 
 from ddpm_hf.config import TrainingConfig
-from ddpm_hf.data import (
-    EpochOrder,
-    ImageFormat,
-    find_columns,
-    load_data,
-    offline_mnist,
-    to_model_input,
-    to_uint8_array,
-)
+from ddpm_hf.data import ImageFormat, find_columns, offline_mnist, to_model_input, to_uint8_array
+from ddpm_hf.sources import EpochOrder, load_data
 from ddpm_hf.errors import UserError
 
 CPU = torch.device("cpu")

@@ -12,9 +12,10 @@ import torch
 from safetensors import safe_open
 
 from ddpm_hf.config import TrainingConfig
-from ddpm_hf.data import load_data
+from ddpm_hf.sources import load_data
 from ddpm_hf.errors import UserError
-from ddpm_hf.evaluate import Evaluator, features_of, noise_images, slerp
+from ddpm_hf.generation import slerp
+from ddpm_hf.scoring import Evaluator, features_of, noise_images
 from ddpm_hf.features import DigitFeatures, InceptionFeatures, _torch_fidelity_inception, classifier_scores, train_digit_classifier
 from ddpm_hf.fid import FeatureStatistics, frechet_distance
 from ddpm_hf.training import train

@@ -7,7 +7,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
 from ddpm_hf.config import TrainingConfig
 from ddpm_hf.models import build_unet, unet_config
 from ddpm_hf.pipeline import ClassConditionalDDPMPipeline, guided_prediction, null_class_label
-from ddpm_hf.training import conditioning_labels
+from ddpm_hf.step import conditioning_labels
 
 NUM_CLASSES = 3
 

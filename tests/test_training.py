@@ -12,10 +12,12 @@ from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
 from ddpm_hf.config import TrainingConfig, parse_config
-from ddpm_hf.data import load_data, to_model_input
+from ddpm_hf.checkpoints import read_training_state
+from ddpm_hf.data import to_model_input
 from ddpm_hf.models import build_noise_scheduler, build_unet, unet_config
-from ddpm_hf.objective import diffusion_losses
+from ddpm_hf.objective import DiffusionObjective
 from ddpm_hf.pipeline import ClassConditionalDDPMPipeline
+from ddpm_hf.sources import load_data
 from ddpm_hf.training import train
 
 from .conftest import FAST, REPO, cli_env, run_train
@@ -37,12 +39,12 @@ def test_a_tiny_unet_learns_a_fixed_batch():
     data, _ = load_data(TrainingConfig(max_train_samples=16, train_batch_size=16), torch.device("cpu"))
     x0 = to_model_input(data.images)
     model = build_unet(unet_config(config, channels=1, resolution=28))
-    abar = build_noise_scheduler(config).alphas_cumprod
+    objective = DiffusionObjective.from_config(config, build_noise_scheduler(config).alphas_cumprod)
     noise, timesteps = torch.randn_like(x0), torch.randint(0, 1000, (16,))
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     losses = []
     for _ in range(40):
-        loss = diffusion_losses(model, x0, noise, timesteps, abar, config.prediction_type, config.loss_weighting).mean()
+        loss = objective.losses(model, x0, noise, timesteps).mean()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -97,10 +99,10 @@ def test_the_saved_pipeline_loads_samples_and_holds_the_ema_weights(finished_run
     images = pipeline(batch_size=4, num_inference_steps=20, generator=torch.Generator().manual_seed(0), output_type="np").images
     assert images.shape == (4, 28, 28, 1) and (0 <= images).all() and (images <= 1).all()
 
-    ema_state = torch.load(out / "checkpoints/checkpoint-4/custom_checkpoint_0.pkl", weights_only=False)
-    assert ema_state["optimization_step"] == 4
+    ema_state = read_training_state(str(out / "checkpoints/checkpoint-4"))["ema"]
+    assert ema_state["applied_updates"] == 4
     saved = [p.detach() for p in pipeline.unet.parameters()]
-    assert all(torch.equal(s, e) for s, e in zip(saved, ema_state["shadow_params"])), "pipeline weights are not the EMA weights"
+    assert all(torch.equal(s, e) for s, e in zip(saved, ema_state["shadow"])), "pipeline weights are not the EMA weights"
     live = _weights(out / "checkpoints/checkpoint-4/model.safetensors")
     assert any(not torch.equal(live[k], v) for k, v in pipeline.unet.state_dict().items()), "EMA equals the live weights"
 
@@ -179,7 +181,7 @@ def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path
     # The validation set of 50 is split 25 + 25 over the processes and gathered back whole.
     validation = [[json.loads(x)["val_loss"] for x in (run / "validation.jsonl").read_text().splitlines()] for run in (two, tmp_path / "one")]
     assert len(validation[0]) == 2 and validation[0] == pytest.approx(validation[1], rel=1e-5)
-    sampler_states = [torch.load(run / "checkpoints/checkpoint-4/custom_checkpoint_2.pkl", weights_only=False)["sampler_state"] for run in (two, tmp_path / "one")]
+    sampler_states = [read_training_state(str(run / "checkpoints/checkpoint-4"))["timestep_sampler"] for run in (two, tmp_path / "one")]
     assert torch.equal(sampler_states[0]["counts"], sampler_states[1]["counts"]) and sampler_states[0]["counts"].sum() == 32
 
 
@@ -219,8 +221,8 @@ def test_streaming_trains_and_records_its_position(tmp_path):
     stats = train(_config(tmp_path / "s", streaming=True, max_train_samples=24, dataloader_num_workers=0, max_train_steps=4,
                           gradient_accumulation_steps=1, checkpointing_steps=4, shuffle_buffer_size=8))
     assert stats["images_seen"] == 16
-    progress = torch.load(tmp_path / "s/checkpoints/checkpoint-4/custom_checkpoint_2.pkl", weights_only=False)
-    assert progress["step"] == 4 and progress["data_state"] == {"epoch": 0, "consumed": 16}
+    state = read_training_state(str(tmp_path / "s/checkpoints/checkpoint-4"))
+    assert state["progress"]["step"] == 4 and state["data"] == {"epoch": 0, "consumed": 16}
 
 
 def test_loss_aware_sampler_state_is_restored_on_resume(tmp_path):
@@ -229,8 +231,8 @@ def test_loss_aware_sampler_state_is_restored_on_resume(tmp_path):
     train(_config(tmp_path / "straight", **loss_aware, checkpointing_steps=10))
     train(_config(tmp_path / "split", **{**loss_aware, "max_train_steps": 5}, checkpointing_steps=5))
     train(_config(tmp_path / "split", **loss_aware, checkpointing_steps=5, resume_from_checkpoint="latest"))
-    states = [torch.load(tmp_path / run / "checkpoints/checkpoint-10/custom_checkpoint_2.pkl", weights_only=False)["sampler_state"] for run in ("straight", "split")]
-    at_5 = torch.load(tmp_path / "split/checkpoints/checkpoint-5/custom_checkpoint_2.pkl", weights_only=False)["sampler_state"]
+    states = [read_training_state(str(tmp_path / run / "checkpoints/checkpoint-10"))["timestep_sampler"] for run in ("straight", "split")]
+    at_5 = read_training_state(str(tmp_path / "split/checkpoints/checkpoint-5"))["timestep_sampler"]
     assert (at_5["counts"] == 10).all(), "the sampler should be past its warm-up at the checkpoint"
     assert torch.equal(states[0]["losses"], states[1]["losses"]) and torch.equal(states[0]["counts"], states[1]["counts"])
     _assert_same_weights(_weights(tmp_path / "straight/checkpoints/checkpoint-10/model.safetensors"),

@@ -8,7 +8,8 @@ from accelerate import Accelerator
 from safetensors.torch import load_file
 
 from ddpm_hf.config import TrainingConfig
-from ddpm_hf.data import ValidationImages, load_data
+from ddpm_hf.objective import DiffusionObjective
+from ddpm_hf.sources import ValidationImages, load_data
 from ddpm_hf.diagnostics import forward_process_strip, schedule_rows, strip_timesteps
 from ddpm_hf.errors import UserError
 from ddpm_hf.models import build_noise_scheduler, build_unet, unet_config
@@ -50,13 +51,13 @@ def test_validation_loss_is_identical_when_evaluated_twice_on_the_same_weights()
     config = TrainingConfig(class_conditional=True)
     torch.manual_seed(0)
     unet = build_unet(unet_config(config, 1, 28, num_class_embeds=11)).eval()
-    abar = build_noise_scheduler(config).alphas_cumprod.float()
+    objective = DiffusionObjective.from_config(config, build_noise_scheduler(config).alphas_cumprod.float())
     validation = make_validation_set(_held_out(24), 1000, seed=0)
     accelerator = Accelerator(cpu=True)
-    first = validation_losses(unet, validation, abar, config, accelerator, batch_size=8)
-    second = validation_losses(unet, validation, abar, config, accelerator, batch_size=5)  # other batching, same values
+    first = validation_losses(unet, validation, objective, accelerator, batch_size=8, class_conditional=True)
+    second = validation_losses(unet, validation, objective, accelerator, batch_size=5, class_conditional=True)  # other batching, same values
     assert first.shape == (24,) and torch.allclose(first, second, rtol=1e-5, atol=1e-7)
-    assert torch.equal(first, validation_losses(unet, validation, abar, config, accelerator, batch_size=8))
+    assert torch.equal(first, validation_losses(unet, validation, objective, accelerator, batch_size=8, class_conditional=True))
     assert 0.2 < first.mean().item() < 5  # an untrained net's eps-MSE is of order 1
 
 

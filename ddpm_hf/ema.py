@@ -1,0 +1,73 @@
+"""An exponential moving average of the weights that a skipped step leaves untouched, without
+the host ever waiting for the device to know whether the step was skipped.
+
+The decay follows `diffusers.training_utils.EMAModel` with ``use_ema_warmup=True``: after n
+applied updates it is ``1 - (1 + (n - 1) / inv_gamma) ** -power``, capped at ``max_decay``, and
+0 for the first update (the average starts as a copy of the weights). EMAModel keeps n as a
+Python integer and so cannot skip an update whose flag is still on the device; here n is a
+device tensor and each update is weighted by the step's ``applied`` flag (0 or 1).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class ExponentialMovingAverage:
+    def __init__(self, parameters, max_decay: float = 0.9999, inv_gamma: float = 1.0, power: float = 0.75):
+        self.shadow = [p.detach().clone().float() for p in parameters]
+        self.max_decay, self.inv_gamma, self.power = max_decay, inv_gamma, power
+        device = self.shadow[0].device
+        # float64 keeps 1 - decay accurate near 0.9999 (MPS has no float64; float32 is close enough there).
+        self.applied_updates = torch.zeros((), device=device, dtype=torch.float32 if device.type == "mps" else torch.float64)
+
+    def decay(self) -> torch.Tensor:
+        """The decay of the update that brought the count to ``applied_updates`` (EMAModel.get_decay)."""
+        warmed = (self.applied_updates - 1).clamp(min=0)
+        decay = (1 - (1 + warmed / self.inv_gamma) ** -self.power).clamp(max=self.max_decay)
+        return torch.where(warmed > 0, decay, torch.zeros_like(decay))
+
+    @torch.no_grad()
+    def update(self, parameters, applied: torch.Tensor) -> None:
+        """shadow <- shadow - applied * (1 - decay) * (shadow - weights), on the device."""
+        self.applied_updates += applied.to(self.applied_updates.dtype)
+        drift = torch._foreach_sub(self.shadow, [p.detach() for p in parameters])
+        torch._foreach_mul_(drift, applied.float() * (1 - self.decay()).float())
+        torch._foreach_sub_(self.shadow, drift)
+
+    @torch.no_grad()
+    def copy_to(self, parameters) -> None:
+        for shadow, parameter in zip(self.shadow, parameters):
+            parameter.copy_(shadow)
+
+    def state_dict(self) -> dict:
+        return {"shadow": [s.detach().cpu() for s in self.shadow], "applied_updates": int(self.applied_updates.item()),
+                "max_decay": self.max_decay, "inv_gamma": self.inv_gamma, "power": self.power}
+
+    def load_state_dict(self, state: dict) -> None:
+        if len(state["shadow"]) != len(self.shadow):
+            raise ValueError(f"the EMA state holds {len(state['shadow'])} tensors, the model has {len(self.shadow)}")
+        for shadow, saved in zip(self.shadow, state["shadow"]):
+            shadow.copy_(saved)
+        self.applied_updates.fill_(state["applied_updates"])
+
+
+class LiveWeights:
+    """What stands in for the average with --use_ema off: sampling and saving use the live weights."""
+
+    def __init__(self, parameters):
+        self.shadow = list(parameters)  # the live tensors themselves, not copies
+
+    def update(self, parameters, applied: torch.Tensor) -> None:
+        pass
+
+    @torch.no_grad()
+    def copy_to(self, parameters) -> None:
+        for live, parameter in zip(self.shadow, parameters):
+            parameter.copy_(live)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass

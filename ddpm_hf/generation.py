@@ -1,0 +1,175 @@
+"""Drawing images from a trained network: pipelines with a chosen sampler, replayable per-image
+seeds, grids and files, interpolation. The library behind ``python -m ddpm_hf.sample`` (which only
+parses flags and calls these), the in-training grids and the evaluation.
+
+Image i of a draw is seeded by (seed, i) alone, so the same seed gives the same images whatever
+the batch size, and the first 8 of 64 images are the 8 images of a draw of 8.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
+from tqdm.auto import tqdm
+
+from .errors import UserError, first_line
+from .pipeline import ClassConditionalDDPMPipeline, guided_prediction
+from .seeds import Stream, generator
+
+# Samplers a DDPM-trained network can use without retraining, on the training schedule.
+SCHEDULERS = {
+    "ddpm": lambda config: DDPMScheduler.from_config(config),
+    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "dpm++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
+}
+
+
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def default_steps(scheduler: str, scheduler_config: dict) -> int:
+    """Sampling steps when none are given: the whole chain for DDPM, 50 for DDIM, 20 for DPM-Solver++."""
+    return {"ddpm": scheduler_config["num_train_timesteps"], "ddim": 50, "dpm++": 20}[scheduler]
+
+
+def load_unet_and_schedule(model: str) -> tuple[UNet2DModel, dict]:
+    """The UNet and the training scheduler's config from a pipeline folder or Hub id."""
+    if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise UserError(f"{model} is not a folder; pass a folder written by train_ddpm.py or a Hub model id")
+    try:
+        unet = UNet2DModel.from_pretrained(model, subfolder="unet")
+        scheduler_config = DDPMScheduler.load_config(model, subfolder="scheduler")
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load a trained pipeline from {model}: {first_line(e)}") from None
+    return unet.eval(), scheduler_config
+
+
+def is_class_conditional(unet: UNet2DModel) -> bool:
+    return bool(unet.config.num_class_embeds)
+
+
+def pipeline_for(unet: UNet2DModel, noise_scheduler: DDPMScheduler) -> DDPMPipeline | ClassConditionalDDPMPipeline:
+    """What a run saves: diffusers' own DDPMPipeline, or ours when the UNet takes class labels."""
+    if is_class_conditional(unet):
+        return ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
+    return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+
+
+def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, device: torch.device | None = None):
+    """A pipeline over ``unet`` with the chosen sampler (class-conditional if the UNet takes labels)."""
+    if scheduler not in SCHEDULERS:
+        raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
+    noise_scheduler = SCHEDULERS[scheduler](scheduler_config)
+    if is_class_conditional(unet):
+        pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
+    elif scheduler == "ddim":  # DDIMPipeline passes eta on to the scheduler
+        pipeline = DDIMPipeline(unet=unet, scheduler=noise_scheduler)
+    else:
+        pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device or default_device())
+
+
+def class_labels_for(pipeline, num_images: int, class_label: int | None) -> torch.Tensor | None:
+    """Labels for a conditional model: the one asked for, else every class in turn (balanced)."""
+    if not isinstance(pipeline, ClassConditionalDDPMPipeline):
+        if class_label is not None:
+            raise UserError("--class_label needs a class-conditional model; this one was trained without labels")
+        return None
+    if class_label is not None:
+        if not 0 <= class_label < pipeline.num_classes:
+            raise UserError(f"--class_label must be in 0..{pipeline.num_classes - 1} for this model, got {class_label}")
+        return torch.full((num_images,), class_label)
+    return torch.arange(num_images) % pipeline.num_classes
+
+
+def class_grid_labels(num_classes: int, images_wanted: int) -> tuple[torch.Tensor, int]:
+    """Labels for a grid with one row per class: (labels in row order, images per row)."""
+    per_class = max(1, round(images_wanted / num_classes))
+    return torch.arange(num_classes).repeat_interleave(per_class), per_class
+
+
+@torch.no_grad()
+def draw_images(pipeline, num_images: int, batch_size: int, num_inference_steps: int, seed: int, eta: float = 0.0,
+                class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, progress: bool = True) -> torch.Tensor:
+    """(N, C, H, W) uint8 images; image i depends only on (seed, i) and the sampler settings."""
+    batches = []
+    for start in tqdm(range(0, num_images, batch_size), desc="sampling", unit="batch", disable=not progress):
+        indices = range(start, min(start + batch_size, num_images))
+        generators = [generator(Stream.SAMPLING, seed, i) for i in indices]
+        options = dict(generator=generators, num_inference_steps=num_inference_steps, output_type="np")
+        if isinstance(pipeline, ClassConditionalDDPMPipeline):
+            images = pipeline(class_labels[start : start + len(indices)], guidance_scale=guidance_scale, eta=eta, **options).images
+        elif isinstance(pipeline, DDIMPipeline):
+            images = pipeline(batch_size=len(indices), eta=eta, **options).images
+        else:
+            images = pipeline(batch_size=len(indices), **options).images
+        batches.append(torch.from_numpy((np.clip(images, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
+    return torch.cat(batches)
+
+
+def image_grid(images: np.ndarray, columns: int | None = None) -> PIL.Image.Image:
+    """Tile (N, H, W, C) images in [0, 1] into one PNG-ready picture, with a 2-pixel gutter."""
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    gutter = 2
+    canvas = np.ones((rows * (height + gutter) + gutter, columns * (width + gutter) + gutter, channels), dtype=np.float32)
+    for i, image in enumerate(images):
+        row, column = divmod(i, columns)
+        top, left = gutter + row * (height + gutter), gutter + column * (width + gutter)
+        canvas[top : top + height, left : left + width] = image
+    pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8)
+    return PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+
+
+def save_images(images: torch.Tensor, grid: str | None, out_dir: str | None, columns: int | None = None) -> None:
+    """A grid PNG and/or one PNG per image."""
+    as_floats = images.permute(0, 2, 3, 1).float().numpy() / 255
+    if grid:
+        os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
+        image_grid(as_floats, columns).save(grid)
+    if out_dir:
+        os.makedirs(out_dir, exist_ok=True)
+        for i, image in enumerate(as_floats):
+            image_grid(image[None], 1).crop((2, 2, 2 + image.shape[1], 2 + image.shape[0])).save(os.path.join(out_dir, f"{i:05d}.png"))
+
+
+def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
+    """Spherical interpolation (Shoemake 1985): stays on the shell where Gaussian noise lives, unlike a straight line."""
+    a_flat, b_flat = a.flatten().double(), b.flatten().double()
+    cos = torch.dot(a_flat, b_flat) / (a_flat.norm() * b_flat.norm())
+    angle = torch.arccos(cos.clamp(-1, 1))
+    if angle.abs() < 1e-6:
+        return ((1 - weight) * a.double() + weight * b.double()).to(a.dtype)
+    mixed = (torch.sin((1 - weight) * angle) * a.double() + torch.sin(weight * angle) * b.double()) / torch.sin(angle)
+    return mixed.to(a.dtype)
+
+
+@torch.no_grad()
+def interpolation_grid(unet, scheduler_config, path: str, rows: int = 4, columns: int = 8, steps: int = 50, seed: int = 0,
+                       class_label: int | None = None, guidance_scale: float = 1.0, device=None) -> None:
+    """Each row: slerp between two noises, decoded with deterministic DDIM (eta 0), so the row morphs smoothly."""
+    pipeline = build_pipeline(unet, scheduler_config, "ddim", device)
+    device = pipeline.device
+    shape = (unet.config.in_channels, unet.config.sample_size, unet.config.sample_size)
+    ends = generator(Stream.INTERPOLATION, seed)
+    noises = torch.stack([slerp(a, b, w) for a, b in (torch.randn((2, *shape), generator=ends) for _ in range(rows))
+                          for w in np.linspace(0, 1, columns)])
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(steps, device=device)
+    x = noises.to(device)
+    labels = None
+    if is_class_conditional(unet):
+        labels = torch.full((len(x),), class_label if class_label is not None else 0, device=device)
+    for t in scheduler.timesteps:
+        output = guided_prediction(unet, x, t, labels, guidance_scale) if labels is not None else unet(x, t).sample
+        x = scheduler.step(output, t, x, eta=0.0).prev_sample
+    images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
+    save_images(images, path, None, columns)
