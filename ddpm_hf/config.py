@@ -155,6 +155,8 @@ class TrainingConfig:
         for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed", "validation_steps", "eval_steps"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
+        if self.seed >= 2**32:
+            raise UserError(f"--seed must be below 2**32 (4294967296), got {self.seed}")
         if not 0 < self.learning_rate <= 1:
             raise UserError(f"--learning_rate must be in (0, 1], got {self.learning_rate}")
         for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:

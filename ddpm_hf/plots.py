@@ -7,7 +7,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on training machines
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .metrics import smooth  # noqa: E402
+from .metrics import smooth_without_lag  # noqa: E402
 
 
 def _save(figure, path: str) -> None:
@@ -23,7 +23,7 @@ def plot_loss_curve(rows: list[dict], path: str, validation_rows: list[dict] | N
     losses = [row["loss"] for row in rows]
     figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
     axis.plot(steps, losses, color="tab:blue", alpha=0.35, linewidth=1, label="loss (per logging interval)")
-    axis.plot(steps, smooth(losses), color="tab:blue", linewidth=2, label="smoothed")
+    axis.plot(steps, smooth_without_lag(losses), color="tab:blue", linewidth=2, label="smoothed")
     if validation_rows:
         axis.plot([r["step"] for r in validation_rows], [r["val_loss"] for r in validation_rows], "o-", color="tab:orange", label="validation loss")
         losses = losses + [r["val_loss"] for r in validation_rows]

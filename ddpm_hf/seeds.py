@@ -1,7 +1,9 @@
 """Replayable randomness: every random draw of a run comes from a named stream.
 
 A seed is derived from (stream, seed, further integers such as step and micro-batch). Each
-stream below draws one kind of randomness; the comment says what its integers are.
+stream below draws one kind of randomness and is the first component of each of its seeds, so
+no two streams can share a seed; the comment says what its integers are. A new kind of
+randomness gets a new stream here, never a reused one.
 """
 
 from __future__ import annotations
@@ -26,28 +28,18 @@ class Stream(IntEnum):
     COMPILE_CHECK = 11  # (seed): the synthetic batch of the torch.compile gradient check
 
 
-def _sequence_seed(*words: int) -> int:
-    return int(np.random.SeedSequence(list(words)).generate_state(1)[0])
-
-
 def derive_seed(stream: Stream, seed: int, *parts: int) -> int:
-    """The seed of ``stream`` at (seed, *parts): the seeds of the releases before named streams."""
-    if stream == Stream.MODEL_INIT:
-        return seed
-    if stream == Stream.DATA_ORDER:
-        return seed * 1_000_003 + parts[0]
-    legacy = {
-        Stream.STEP_NOISE: (seed, *parts),
-        Stream.TIMESTEPS: (seed, *parts, 2),
-        Stream.DROPOUT: (seed, *parts, 1),
-        Stream.VALIDATION: (seed, 2**31 - 1),
-        Stream.SAMPLING: (seed, 3, *parts),
-        Stream.NOISE_BASELINE: (seed, 4),
-        Stream.INTERPOLATION: (seed, 4, 1),
-        Stream.DIAGNOSTICS: (seed, 2**31 - 2),
-        Stream.COMPILE_CHECK: (seed,),
-    }[stream]
-    return _sequence_seed(*legacy) if stream != Stream.COMPILE_CHECK else seed
+    """A well-mixed 64-bit seed for ``stream`` at (seed, *parts).
+
+    numpy's SeedSequence hashes a list of 32-bit words, but treats trailing zeros as absent
+    ([a, b] and [a, b, 0] give one seed) and splits an integer of 2**32 or more into two words,
+    so raw tuples of different lengths can collide: the old (seed, 3, i) of sampling was training
+    step 3's micro-batch i. Here the words are (stream, count of integers, seed, *parts), each
+    integer one word: two different calls always hash two different word sequences."""
+    words = [int(stream), 1 + len(parts), seed, *parts]
+    if not all(isinstance(w, int) and 0 <= w < 2**32 for w in words):
+        raise ValueError(f"seed parts must be integers in [0, 2**32), got {(seed, *parts)}")
+    return int(np.random.SeedSequence(words).generate_state(1, dtype=np.uint64)[0])
 
 
 def generator(stream: Stream, seed: int, *parts: int, device: torch.device | str = "cpu") -> torch.Generator:

@@ -38,7 +38,8 @@ def draw_micro_batch(seed: int, step: int, micro: int, shape: tuple, sampler: Ti
     global_batch = micro_batch * world_size
     noise_draws = generator(Stream.STEP_NOISE, seed, step, micro, device=device)
     noise = torch.randn((global_batch, *shape[1:]), generator=noise_draws, device=device)
-    timestep_draws = generator(Stream.TIMESTEPS, seed, step, micro) if sampler.draws_on_host else noise_draws
+    # A stream of its own, on the host for a sampler whose probabilities live there.
+    timestep_draws = generator(Stream.TIMESTEPS, seed, step, micro, device="cpu" if sampler.draws_on_host else device)
     timesteps, weights = sampler.sample(global_batch, timestep_draws)
     timesteps, weights = timesteps.to(device), weights.to(device)
     flips = torch.rand(global_batch, generator=noise_draws, device=device) < 0.5

@@ -17,7 +17,7 @@ from .generation import pipeline_for
 from .hub import model_card
 from .interrupts import Interrupted, stop_on_signals
 from .maintenance import Stop, interrupted_message, maintain, stop_before_training
-from .metrics import peak_memory_bytes, smooth
+from .metrics import peak_memory_bytes, smooth_without_lag
 from .models import count_parameters
 from .run import Run, build_run
 from .step import optimisation_step
@@ -114,7 +114,7 @@ def run_statistics(run: Run, ranks_identical: bool) -> dict:
         "images_per_s": round(run.images_this_run / run.seconds_this_run, 2) if run.seconds_this_run else None,
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
-        "final_loss_smoothed": smooth([r["loss"] for r in rows])[-1] if rows else None,
+        "final_loss_smoothed": smooth_without_lag([r["loss"] for r in rows])[-1] if rows else None,
         "final_val_loss": validation_rows[-1]["val_loss"] if validation_rows else None,
         "best_val_loss": best.best_loss,
         "best_step": best.best_step,

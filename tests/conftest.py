@@ -46,6 +46,24 @@ def isolated_hf_home(tmp_path_factory):
         os.environ["HF_HOME"] = previous
 
 
+@pytest.fixture(scope="session", autouse=True)
+def shared_evaluation_cache(tmp_path_factory):
+    """One DDPM_HF_CACHE for the whole session (subprocesses inherit it): the digit classifier of
+    the offline digits is trained once, by the first test that needs it, and reused by the rest."""
+    cache = tmp_path_factory.mktemp("ddpm_hf_cache")
+    previous = os.environ.get("DDPM_HF_CACHE")
+    os.environ["DDPM_HF_CACHE"] = str(cache)
+    yield cache
+    if previous is None:
+        os.environ.pop("DDPM_HF_CACHE", None)
+    else:
+        os.environ["DDPM_HF_CACHE"] = previous
+
+
+# The classifier that Evaluator.build trains on all 5,000 offline digits with seed 0, in the shared cache.
+OFFLINE_DIGITS_CLASSIFIER = "classifiers/mnist-5k-offline-train-28px-seed0.safetensors"
+
+
 @pytest.fixture
 def rgb_image_folder(tmp_path) -> Path:
     """Twelve 40x30 RGB PNGs in two class folders (datasets' imagefolder layout)."""

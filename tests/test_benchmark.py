@@ -1,10 +1,17 @@
 """The throughput benchmark runs (its short mode); its figures are in benchmarks/RESULTS.md, not checked here."""
 
 import json
+import math
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import REPO, cli_env
+
+
+def _finite_positive(value) -> bool:
+    return isinstance(value, float) and math.isfinite(value) and value > 0
 
 
 def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
@@ -14,20 +21,35 @@ def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "limit img/s" in result.stdout and "sampling tiny" in result.stdout
     report = json.loads(out.read_text())
+    # The schema that benchmarks/RESULTS.md and the GPU script read, key for key.
+    assert set(report) == {"device", "torch", "date", "rounds", "window_steps", "rows", "sampling"}
+    assert report["rounds"] == 1 and report["window_steps"] == 50 and isinstance(report["device"], str)
     (row,) = report["rows"]
-    assert row["preset"] == "tiny" and row["limit"]["images_per_s"] > 0 and row["trainer"]["images_per_s"] > 0 and row["ratio"] > 0
-    # Each side reports its best 50-step window: one window of the limit, one logging interval of the trainer.
+    assert set(row) == {"preset", "precision", "step_options", "batch_size", "limit", "trainer", "ratio"}
+    assert (row["preset"], row["precision"], row["step_options"], row["batch_size"]) == ("tiny", "fp32", "fused", 8)
     for side in ("limit", "trainer"):
-        assert len(row[side]["window_images_per_s"]) == 1 and row[side]["images_per_s"] == max(row[side]["window_images_per_s"])
-    assert report["sampling"]["tiny"]["ddim_50_images_per_s"] > 0
+        figures = row[side]
+        assert set(figures) == {"images_per_s", "window_images_per_s", "peak_memory_bytes", "peak_memory_kind"}
+        # Each side reports its best 50-step window: one window of the limit, one logging interval of the trainer.
+        assert len(figures["window_images_per_s"]) == 1 and figures["images_per_s"] == max(figures["window_images_per_s"])
+        assert _finite_positive(figures["images_per_s"]) and figures["peak_memory_bytes"] > 10_000_000 and figures["peak_memory_kind"] == "peak_rss"
+    assert _finite_positive(row["ratio"]) and row["ratio"] == pytest.approx(row["trainer"]["images_per_s"] / row["limit"]["images_per_s"])
+    assert set(report["sampling"]) == {"tiny"} and set(report["sampling"]["tiny"]) == {"ddim_50_images_per_s", "ddpm_1000_images_per_s"}
+    assert all(_finite_positive(v) for v in report["sampling"]["tiny"].values())
 
 
 def test_time_to_quality_short_mode_runs_the_recipe_and_reports_its_evaluations(tmp_path):
     out = tmp_path / "ttq.json"
     result = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--short", "--json", str(out), "--max_train_samples=600"],
-                            cwd=REPO, env=cli_env(DDPM_HF_CACHE=str(tmp_path / "cache")), capture_output=True, text=True, timeout=600)
+                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "configs/fast-digits-cpu.yaml" in result.stdout and "not reached in 4 steps" in result.stdout  # 4 steps draw no digits
     report = json.loads(out.read_text())
-    assert [r["step"] for r in report["evaluations"]] == [2, 4] and report["reached"] is None
+    assert set(report) == {"date", "machine", "device", "config", "overrides", "short", "bar", "sampler", "reached", "evaluations",
+                           "process_seconds_with_evaluations"}
+    assert [r["step"] for r in report["evaluations"]] == [2, 4] and report["reached"] is None and report["short"] is True
     assert report["sampler"] == {"name": "ddpm", "steps": 2, "guidance_scale": 2.0}
+    for row in report["evaluations"]:
+        assert set(row) == {"step", "images_seen", "fid", "mean_confidence", "class_entropy_bits", "eval_seconds", "train_s", "wall_s"}
+        assert all(_finite_positive(float(row[k])) for k in ("images_seen", "fid", "mean_confidence", "eval_seconds", "train_s", "wall_s"))
+    assert _finite_positive(float(report["process_seconds_with_evaluations"]))

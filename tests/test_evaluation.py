@@ -20,7 +20,7 @@ from ddpm_hf.features import DigitFeatures, InceptionFeatures, _torch_fidelity_i
 from ddpm_hf.fid import FeatureStatistics, frechet_distance
 from ddpm_hf.training import train
 
-from .conftest import REPO, cli_env
+from .conftest import OFFLINE_DIGITS_CLASSIFIER, REPO, cli_env
 
 CPU = torch.device("cpu")
 
@@ -85,9 +85,9 @@ def test_the_classifier_is_cached_with_its_data_hash_and_retrained_when_the_data
         assert f.metadata()["data_sha256"] == other.fingerprint
 
 
-def test_real_against_real_is_far_below_real_against_noise(digits, tmp_path):
+def test_real_against_real_is_far_below_real_against_noise(digits, shared_evaluation_cache):
     images, labels = digits
-    features = DigitFeatures.load_or_train(str(tmp_path / "c.safetensors"), images, labels, 10)
+    features = DigitFeatures.load_or_train(str(shared_evaluation_cache / OFFLINE_DIGITS_CLASSIFIER), images, labels, 10)
     half_a, half_b = images[::2], images[1::2]
     reference = FeatureStatistics.of(features_of(features, half_a))
     real_vs_real = frechet_distance(reference, FeatureStatistics.of(features_of(features, half_b)))
@@ -161,6 +161,7 @@ def test_sample_command_writes_a_grid_and_files_and_repeats_with_the_same_seed(c
         assert np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a" / name)), np.asarray(PIL.Image.open(tmp_path / "b" / name)))
         assert PIL.Image.open(tmp_path / "a" / name).size == (28, 28)
     other_seed = _command("ddpm_hf.sample", *common, "--num_images", "1", "--seed", "1", "--out_dir", str(tmp_path / "c"))
+    assert other_seed.returncode == 0, other_seed.stderr[-2000:]
     assert not np.array_equal(np.asarray(PIL.Image.open(tmp_path / "a/00000.png")), np.asarray(PIL.Image.open(tmp_path / "c/00000.png")))
 
 
@@ -191,10 +192,9 @@ def test_sample_command_refuses_a_missing_folder(tmp_path):
     assert result.returncode == 2 and "is not a folder" in result.stderr and "Traceback" not in result.stderr
 
 
-def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_interpolates(unconditional_model, tmp_path):
-    cache, report = tmp_path / "cache", tmp_path / "report"
-    args = [str(unconditional_model), "--num_samples", "12", "--batch_size", "12", "--num_inference_steps", "2", "--max_reference_samples", "600",
-            "--cache_dir", str(cache), "--report_dir", str(report), "--noise_baseline", "--compare-samplers", "--sampler_steps", "2", "4",
+def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_interpolates(unconditional_model, tmp_path, shared_evaluation_cache):
+    cache, report = shared_evaluation_cache, tmp_path / "report"  # the session's classifier, trained on all the digits
+    args = [str(unconditional_model), "--num_samples", "12", "--batch_size", "12", "--num_inference_steps", "2", "--report_dir", str(report), "--noise_baseline", "--compare-samplers", "--sampler_steps", "2", "4",
             "--interpolation_grid", str(tmp_path / "interp.png")]
     result = _command("ddpm_hf.evaluate", *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -208,11 +208,10 @@ def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_inter
     assert PIL.Image.open(report / "samplers.png").size[0] > 400
     assert PIL.Image.open(tmp_path / "interp.png").size == (2 + 8 * 30, 2 + 4 * 30)
 
-    stats = list((cache / "stats").iterdir())
-    assert len(stats) == 1 and "mnist-5k-offline-train-28px-600-digits-" in stats[0].name
+    stats = [p for p in (cache / "stats").iterdir() if p.name.startswith("mnist-5k-offline-train-28px-5000-digits-")]
+    assert len(stats) == 1, sorted(p.name for p in (cache / "stats").iterdir())
     stamp = stats[0].stat().st_mtime_ns
-    again = _command("ddpm_hf.evaluate", str(unconditional_model), "--num_samples", "12", "--num_inference_steps", "2", "--max_reference_samples", "600",
-                     "--cache_dir", str(cache), "--report_dir", str(report))
+    again = _command("ddpm_hf.evaluate", str(unconditional_model), "--num_samples", "12", "--num_inference_steps", "2", "--report_dir", str(report))
     assert again.returncode == 0, again.stderr[-3000:]
     assert stats[0].stat().st_mtime_ns == stamp  # the cached reference statistics were reused
     assert json.loads((report / "evaluation.json").read_text())["model_scores"]["fid"] == pytest.approx(results["model_scores"]["fid"], rel=1e-9)
@@ -226,8 +225,8 @@ def test_evaluate_with_inception_and_no_weights_says_how_to_get_them(uncondition
     assert "--inception_weights PATH" in result.stderr and "https://github.com/toshas/torch-fidelity/releases" in result.stderr
 
 
-def test_evaluator_scores_real_digits_better_than_noise(tmp_path):
-    evaluator = Evaluator.build(TrainingConfig(), 1, 28, "digits", str(tmp_path), max_reference_samples=2000, device=CPU)
+def test_evaluator_scores_real_digits_better_than_noise(shared_evaluation_cache):
+    evaluator = Evaluator.build(TrainingConfig(), 1, 28, "digits", str(shared_evaluation_cache), device=CPU)
     real = load_data(TrainingConfig(), CPU)[0].images[1::10]  # every class: the offline digits are sorted by class
     real_score, noise_score = evaluator.score(real), evaluator.score(noise_images(500, 1, 28, seed=0))
     assert real_score["fid"] * 10 < noise_score["fid"]
@@ -236,8 +235,7 @@ def test_evaluator_scores_real_digits_better_than_noise(tmp_path):
     assert real_score["mean_confidence"] > 0.9 and noise_score["mean_confidence"] < 0.5
 
 
-def test_training_logs_fid_and_classifier_scores_every_eval_steps(tmp_path, monkeypatch):
-    monkeypatch.setenv("DDPM_HF_CACHE", str(tmp_path / "cache"))
+def test_training_logs_fid_and_classifier_scores_every_eval_steps(tmp_path, shared_evaluation_cache):
     out = tmp_path / "run"
     train(TrainingConfig(output_dir=str(out), max_train_steps=4, train_batch_size=8, report_to="none", save_images_steps=0, checkpointing_steps=0,
                          eval_batch_size=8, num_inference_steps=2, eval_steps=2, eval_num_samples=8, max_train_samples=600))
@@ -246,4 +244,4 @@ def test_training_logs_fid_and_classifier_scores_every_eval_steps(tmp_path, monk
     assert all(r["fid"] > 0 and 0 < r["mean_confidence"] <= 1 and r["class_entropy_bits"] >= 0 and r["eval_seconds"] > 0 for r in rows)
     # The time-to-quality clocks: optimisation time, and wall time less the evaluations.
     assert 0 < rows[0]["train_s"] < rows[1]["train_s"] and 0 < rows[0]["wall_s"] < rows[1]["wall_s"]
-    assert list((tmp_path / "cache" / "classifiers").glob("*.safetensors"))  # the classifier is trained once and kept
+    assert (shared_evaluation_cache / OFFLINE_DIGITS_CLASSIFIER).is_file()  # the classifier is trained once and kept

@@ -10,6 +10,7 @@ from diffusers import DDPMScheduler
 from ddpm_hf.config import TrainingConfig
 from ddpm_hf.models import build_noise_scheduler
 from ddpm_hf.objective import (
+    DiffusionObjective,
     loss_weights,
     per_example_loss,
     predicted_x0,
@@ -170,3 +171,50 @@ def test_smoothing_follows_the_end_of_a_short_run():
     assert smooth(values)[-1] == pytest.approx(0.1, abs=0.01)
     assert smooth([2.0, 4.0], weight=0.5) == pytest.approx([2.0, (0.5 * 1.0 + 0.5 * 4.0) / 0.75])  # bias-corrected
     assert smooth([3.0] * 500)[-1] == pytest.approx(3.0)
+
+
+# ----- the objective object -----
+class _ZeroNetwork(torch.nn.Module):
+    """Predicts 0 everywhere, like a UNet2DModel's output (``.sample``); records what it was called with."""
+
+    def forward(self, x_t, timesteps, class_labels=None):
+        self.seen = (x_t, timesteps, class_labels)
+        return type("Output", (), {"sample": torch.zeros_like(x_t)})()
+
+
+def test_the_objective_computes_the_weighted_loss_of_its_settings():
+    # A network that predicts 0 makes the loss the weighted mean square of the target, in closed form.
+    abar = linear_abar()
+    t = torch.tensor([10, 500, 990])
+    x0, noise = torch.full((3, 1, 2, 2), 0.5), torch.full((3, 1, 2, 2), 2.0)
+    network = _ZeroNetwork()
+    x0_min_snr = DiffusionObjective(abar, "sample", "min_snr", snr_gamma=5.0)
+    expected = 0.25 * snr(t, abar).clamp(max=5.0)  # mean(x0²) = 0.25, weight min(SNR, 5)
+    torch.testing.assert_close(x0_min_snr.losses(network, x0, noise, t), expected.float())
+    assert torch.equal(network.seen[0], q_sample(x0, noise, t, abar)) and network.seen[2] is None
+    eps_simple = DiffusionObjective(abar)  # the defaults: eps-prediction, simple weighting
+    labels = torch.tensor([1, 0, 1])
+    torch.testing.assert_close(eps_simple.losses(network, x0, noise, t, labels), torch.full((3,), 4.0))  # mean(eps²) = 4
+    assert torch.equal(network.seen[2], labels)
+    v = DiffusionObjective(abar, "v_prediction", "simple")
+    a = abar[t]
+    torch.testing.assert_close(v.losses(network, x0, noise, t), (a.sqrt() * 2.0 - (1 - a).sqrt() * 0.5).pow(2).float())
+
+
+def test_the_objective_reads_its_settings_from_the_config():
+    config = TrainingConfig(prediction_type="v_prediction", loss_weighting="min_snr", snr_gamma=3.0)
+    objective = DiffusionObjective.from_config(config, linear_abar())
+    assert (objective.prediction_type, objective.weighting, objective.snr_gamma, objective.num_timesteps) == ("v_prediction", "min_snr", 3.0, 1000)
+
+
+def test_the_smoothed_curve_does_not_trail_a_falling_loss():
+    from ddpm_hf.metrics import smooth, smooth_without_lag
+
+    # The quick start's shape: logged every 50 steps, the loss falls fast, then levels off at 0.03.
+    steps = range(50, 1101, 50)
+    loss = [0.03 + 0.5 * math.exp(-step / 60) for step in steps]
+    assert smooth(loss)[3] > 1.6 * loss[3]  # the forward average alone: 0.082 against 0.048 at step 200
+    smoothed = smooth_without_lag(loss)
+    assert all(abs(s - v) < 0.2 * v for s, v in list(zip(smoothed, loss))[2:]), [round(s / v, 3) for s, v in zip(smoothed, loss)]
+    assert smoothed[-1] == pytest.approx(0.03, rel=1e-3)
+    assert smooth_without_lag([]) == [] and smooth_without_lag([0.0, -1.0, 1.0])[1] < 0.5  # non-positive values: smoothed as they are

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from ddpm_hf.resample import LossSecondMomentSampler
+from ddpm_hf.resample import LossSecondMomentSampler, TimestepSampler, make_timestep_sampler
 
 T = 8
 
@@ -77,3 +77,28 @@ def test_the_state_round_trips_and_gives_the_same_draws():
     assert restored.warmed_up
     with pytest.raises(ValueError, match="shape"):
         LossSecondMomentSampler(T + 1, history=2).load_state_dict(sampler.state_dict())
+
+
+# ----- the one interface every sampler implements -----
+@pytest.mark.parametrize("mode", ["uniform", "stratified", "loss_aware"])
+def test_every_sampler_draws_timesteps_and_weights_through_one_interface(mode):
+    sampler = make_timestep_sampler(mode, T)
+    assert isinstance(sampler, TimestepSampler)
+    timesteps, weights = sampler.sample(64, torch.Generator().manual_seed(0))
+    assert timesteps.shape == weights.shape == (64,) and timesteps.dtype == torch.long
+    assert 0 <= timesteps.min() and timesteps.max() < T
+    assert torch.equal(weights, torch.ones(64))  # uniform until a sampler has learned otherwise
+    again, _ = sampler.sample(64, torch.Generator().manual_seed(0))
+    assert torch.equal(timesteps, again)
+    sampler.update(timesteps, torch.rand(64))  # a no-op for the samplers that do not learn
+    sampler.load_state_dict(sampler.state_dict())
+
+
+def test_stratified_covers_every_slice_and_only_loss_aware_learns():
+    timesteps, _ = make_timestep_sampler("stratified", T).sample(T, torch.Generator().manual_seed(1))
+    assert sorted(timesteps.tolist()) == list(range(T))  # T slices of width 1
+    learners = {mode: make_timestep_sampler(mode, T).learns_from_losses for mode in ("uniform", "stratified", "loss_aware")}
+    assert learners == {"uniform": False, "stratified": False, "loss_aware": True}
+    assert make_timestep_sampler("loss_aware", T).draws_on_host
+    with pytest.raises(ValueError, match="unknown timestep sampling"):
+        make_timestep_sampler("importance", T)

@@ -1,9 +1,12 @@
 """The training loop end to end: learning, outputs, the saved pipeline, resume, several processes."""
 
 import json
+import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import PIL.Image
 import pytest
@@ -12,7 +15,7 @@ from diffusers import DDPMPipeline
 from safetensors.torch import load_file
 
 from ddpm_hf.config import TrainingConfig, parse_config
-from ddpm_hf.checkpoints import read_training_state
+from ddpm_hf.checkpoints import checkpoint_problem, read_training_state
 from ddpm_hf.data import to_model_input
 from ddpm_hf.models import build_noise_scheduler, build_unet, unet_config
 from ddpm_hf.objective import DiffusionObjective
@@ -138,17 +141,22 @@ def test_the_speed_options_compute_the_same_training_step(tmp_path):
     _assert_same_weights(_weights(tmp_path / "default" / name), _weights(tmp_path / "tuned" / name), atol=2e-4)
 
 
-def test_torch_compile_is_refused_where_its_gradients_are_wrong(tmp_path):
+def test_torch_compile_trains_like_eager_mode_or_is_refused(tmp_path):
     # PyTorch 2.13's CPU inductor returns zero gradients for most UNet weights while the loss
-    # matches; the start-up check compares against eager mode and refuses (about a minute of compiling).
-    result = run_train([*FAST, "--torch_compile", "--output_dir", str(tmp_path / "compiled")])
-    if result.returncode == 0:  # a PyTorch without the bug: then the run must match eager mode
-        eager = run_train([*FAST, "--output_dir", str(tmp_path / "eager")])
-        losses = [[json.loads(x)["loss"] for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("compiled", "eager")]
-        assert losses[0] == pytest.approx(losses[1], rel=1e-4)
-    else:
-        assert result.returncode == 2 and "Traceback" not in result.stderr
+    # matches; the start-up check compares against eager mode and refuses (about a minute of
+    # compiling). Where it is not refused, two real steps must move the weights as eager mode does:
+    # without the check, this CPU's compiled run leaves most weights where they started.
+    fast = [*FAST, "--max_train_steps", "2", "--learning_rate", "1e-3", "--lr_warmup_steps", "0"]
+    result = run_train([*fast, "--torch_compile", "--output_dir", str(tmp_path / "compiled")])
+    if result.returncode == 2:
+        assert "Traceback" not in result.stderr
         assert "error: --torch_compile gives wrong gradients here:" in result.stderr and "train without --torch_compile" in result.stderr
+        return
+    assert result.returncode == 0, result.stderr[-3000:]
+    eager = run_train([*fast, "--output_dir", str(tmp_path / "eager")])
+    assert eager.returncode == 0, eager.stderr[-3000:]
+    name = "checkpoints/checkpoint-2/model.safetensors"  # the live weights: one step moves each by about the learning rate
+    _assert_same_weights(_weights(tmp_path / "compiled" / name), _weights(tmp_path / "eager" / name), atol=2e-4)
 
 
 def _free_port() -> int:
@@ -157,32 +165,83 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_cpu_processes_match_one_process_with_the_same_global_batch(tmp_path):
-    # Conditional, loss-aware and validated: every path that gathers across processes is taken.
-    common = [*FAST, "--max_train_steps", "4", "--checkpointing_steps", "4", "--class_conditional", "--timestep_sampling", "loss_aware",
-              "--validation_split", "0.01", "--validation_steps", "2"]
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-              "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
-              "train_ddpm.py", *common, "--train_batch_size", "4", "--output_dir", str(tmp_path / "two")]
-    result = subprocess.run(launch, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+# Conditional, loss-aware and validated: every path that gathers across processes is taken.
+TWO_PROCESS_ARGS = [*FAST, "--max_train_steps", "8", "--checkpointing_steps", "2", "--class_conditional", "--timestep_sampling", "loss_aware",
+                    "--validation_split", "0.01", "--validation_steps", "4", "--train_batch_size", "4"]
+
+
+def _launch_two_processes(out, *extra: str) -> list[str]:
+    """`accelerate launch` of train_ddpm.py on two CPU processes (gloo), as a user types it."""
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_free_port()),
+            "train_ddpm.py", *TWO_PROCESS_ARGS, "--output_dir", str(out), *extra]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("two") / "run"
+    result = subprocess.run(_launch_two_processes(out), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "4 x 2 processes" in result.stdout
-    one = run_train([*common, "--train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
+    return out
+
+
+def test_two_cpu_processes_match_one_process_with_the_same_global_batch(two_process_run, tmp_path):
+    one = run_train([*TWO_PROCESS_ARGS, "--train_batch_size", "8", "--output_dir", str(tmp_path / "one")])
     assert one.returncode == 0, one.stderr[-3000:]
 
-    two = tmp_path / "two"
-    assert (two / "checkpoints/checkpoint-4/random_states_1.pkl").is_file()  # both processes' RNG states
-    assert len((two / "metrics.jsonl").read_text().splitlines()) == 2  # one set of outputs, not one per process
+    two = two_process_run
+    assert (two / "checkpoints/checkpoint-8/random_states_1.pkl").is_file()  # both processes' RNG states
+    assert len((two / "metrics.jsonl").read_text().splitlines()) == 4  # one set of outputs, not one per process
     stats = json.loads((two / "train_stats.json").read_text())
     assert stats["num_processes"] == 2 and stats["ranks_identical"] is True  # every process ended with the same weights and EMA
     # Data, noise and timesteps are drawn for the global batch, so only float reduction order differs.
-    _assert_same_weights(_weights(two / "checkpoints/checkpoint-4/model.safetensors"), _weights(tmp_path / "one/checkpoints/checkpoint-4/model.safetensors"), atol=1e-5)
+    _assert_same_weights(_weights(two / "checkpoints/checkpoint-8/model.safetensors"), _weights(tmp_path / "one/checkpoints/checkpoint-8/model.safetensors"), atol=1e-5)
     _assert_same_weights(_weights(two / "unet/diffusion_pytorch_model.safetensors"), _weights(tmp_path / "one/unet/diffusion_pytorch_model.safetensors"), atol=1e-5)
     # The validation set of 50 is split 25 + 25 over the processes and gathered back whole.
     validation = [[json.loads(x)["val_loss"] for x in (run / "validation.jsonl").read_text().splitlines()] for run in (two, tmp_path / "one")]
     assert len(validation[0]) == 2 and validation[0] == pytest.approx(validation[1], rel=1e-5)
-    sampler_states = [read_training_state(str(run / "checkpoints/checkpoint-4"))["timestep_sampler"] for run in (two, tmp_path / "one")]
-    assert torch.equal(sampler_states[0]["counts"], sampler_states[1]["counts"]) and sampler_states[0]["counts"].sum() == 32
+    sampler_states = [read_training_state(str(run / "checkpoints/checkpoint-8"))["timestep_sampler"] for run in (two, tmp_path / "one")]
+    assert torch.equal(sampler_states[0]["counts"], sampler_states[1]["counts"]) and sampler_states[0]["counts"].sum() == 64
+
+
+def _children(pid: int) -> list[int]:
+    """The processes whose parent is ``pid`` (from /proc), oldest first."""
+    children = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:  # gone meanwhile
+                continue
+            if int(fields[1]) == pid:
+                children.append(int(entry))
+    return sorted(children)
+
+
+def test_a_worker_killed_in_a_two_process_run_ends_the_run_and_the_same_command_resumes_it_exactly(two_process_run, tmp_path):
+    out = tmp_path / "killed"
+    launcher = subprocess.Popen(_launch_two_processes(out), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "checkpoints/checkpoint-2").is_dir() and launcher.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    workers = _children(launcher.pid)
+    assert launcher.poll() is None and len(workers) == 2, "the run ended before a worker could be killed"
+    os.kill(workers[0], signal.SIGKILL)
+    killed_at = time.monotonic()
+    _, stderr = launcher.communicate(timeout=120)
+    assert launcher.returncode != 0 and time.monotonic() - killed_at < 60, stderr[-3000:]
+    saved = sorted((out / "checkpoints").iterdir())
+    assert saved and all(checkpoint_problem(str(p)) is None for p in saved if p.name.startswith("checkpoint-"))  # none half-written
+    assert not (out / "checkpoints/checkpoint-8").exists(), "the kill landed after the run had finished"
+
+    resumed = subprocess.run(_launch_two_processes(out, "--resume_from_checkpoint", "latest"), cwd=REPO, env=cli_env(),
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    for name in ("checkpoints/checkpoint-8/model.safetensors", "unet/diffusion_pytorch_model.safetensors"):
+        _assert_same_weights(_weights(two_process_run / name), _weights(out / name), atol=0.0)  # bitwise on the CPU
 
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
