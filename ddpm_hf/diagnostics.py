@@ -16,8 +16,7 @@ import torch
 
 from .data import to_model_input
 from .objective import q_sample
-from .plots import plot_schedule, plot_timestep_profile
-from .generation import image_grid
+from .plots import plot_forward_process, plot_schedule, plot_timestep_profile
 from .seeds import Stream, generator
 
 DIAGNOSTICS = "diagnostics"
@@ -81,7 +80,7 @@ def write_diagnostics_at_start(output_dir: str, betas: torch.Tensor, alphas_cump
     plot_schedule(rows, os.path.join(folder, "schedule.png"))
     pictures, strip_rows = forward_process_strip(images, alphas_cumprod, seed)
     write_csv(os.path.join(folder, "forward_process.csv"), strip_rows)
-    image_grid(pictures, columns=len(strip_rows)).save(os.path.join(folder, "forward_process.png"))
+    plot_forward_process(pictures, strip_rows, os.path.join(folder, "forward_process.png"))
 
 
 def write_timestep_profile(output_dir: str, profile: list[dict], step: int) -> str:

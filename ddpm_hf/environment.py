@@ -4,6 +4,7 @@ check, and the process group's orderly end."""
 from __future__ import annotations
 
 import gc
+import json
 import os
 
 import torch
@@ -46,7 +47,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # prepare() compiles the model (and, under DDP, lets dynamo split graphs at bucket boundaries).
         dynamo_backend="inductor" if config.torch_compile else "no",
         log_with=None if config.report_to == "none" else config.report_to,
-        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, "logs")),
+        project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)),
         # On a machine without GPUs, torchrun / accelerate launch still mean several CPU processes (gloo).
         cpu=_no_accelerator_hardware(),
     )
@@ -63,10 +64,7 @@ def prepare_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None
         raise UserError(f"--output_dir {out} is a file, not a folder; choose another --output_dir")
     holds_run = os.path.isfile(os.path.join(out, "training_config.json")) or os.path.isdir(checkpoints.checkpoints_root(out))
     if holds_run and config.resume_from_checkpoint is None and not config.overwrite_output_dir:
-        raise UserError(
-            f"--output_dir {out} already holds a training run; pass --resume_from_checkpoint latest to continue it, "
-            "--overwrite_output_dir to replace it, or choose another --output_dir"
-        )
+        continue_the_same_run(config)
     try:
         os.makedirs(out, exist_ok=True)
         probe = os.path.join(out, f".write-test-{accelerator.process_index}")
@@ -82,6 +80,37 @@ def prepare_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None
                 remove(os.path.join(out, name))
         os.makedirs(os.path.join(out, "samples"), exist_ok=True)
     accelerator.wait_for_everyone()
+
+
+# Options that may change between the processes of one run: how long it trains, what it logs,
+# samples, evaluates, checkpoints and pushes. Any other difference means another run.
+RERUN_MAY_CHANGE = (
+    "max_train_steps", "num_epochs", "logging_steps", "report_to", "save_images_steps", "eval_batch_size", "sampler",
+    "num_inference_steps", "guidance_scale", "eval_steps", "eval_num_samples", "eval_extractor", "inception_weights",
+    "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_epochs", "save_model_epochs", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir",
+    "dataloader_num_workers", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "push_checkpoints",
+)
+
+
+def continue_the_same_run(config: TrainingConfig) -> None:
+    """The same command again in a folder that holds its run (after Ctrl-C, a crash, or to train
+    longer) resumes it; a folder holding another run is refused, with the differences named."""
+    out = config.output_dir
+    try:
+        with open(os.path.join(out, "training_config.json")) as f:
+            saved = json.load(f)
+    except (OSError, ValueError):
+        saved = None
+    if saved is None:
+        raise UserError(f"--output_dir {out} already holds a training run; pass --resume_from_checkpoint latest to continue it, "
+                        "--overwrite_output_dir to replace it, or choose another --output_dir")
+    now = config.to_dict()
+    differences = [f"{key}: {saved.get(key)!r} there, {now.get(key)!r} now" for key in sorted(set(saved) | set(now))
+                   if key not in RERUN_MAY_CHANGE and saved.get(key) != now.get(key)]
+    if differences:
+        raise UserError(f"--output_dir {out} already holds a different training run ({'; '.join(differences)}); "
+                        "pass --overwrite_output_dir to replace it, or choose another --output_dir")
+    config.resume_from_checkpoint = "latest"
 
 
 def step_options(config: TrainingConfig, device: torch.device) -> list[str]:

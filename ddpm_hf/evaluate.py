@@ -71,15 +71,19 @@ def training_config_of(model: str, args) -> TrainingConfig:
     if os.path.isfile(path):
         with open(path) as f:
             values = config_from_dict(json.load(f)).to_dict()
-    values.update({k: getattr(args, k) for k in ("dataset_name", "dataset_split", "train_data_dir") if getattr(args, k) is not None})
-    values.setdefault("dataset_name", OFFLINE_MNIST)
+    if args.dataset_name is not None or args.train_data_dir is not None:  # reference data named on the command line replace the model's
+        values.update(dataset_name=args.dataset_name, train_data_dir=args.train_data_dir)
+    if args.dataset_split is not None:
+        values["dataset_split"] = args.dataset_split
+    if values.get("dataset_name") is None and values.get("train_data_dir") is None:
+        values["dataset_name"] = OFFLINE_MNIST
     return TrainingConfig(**values)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = torch.device(args.device) if args.device else default_device()
-    unet, scheduler_config = load_unet_and_schedule(args.model)
+    unet, scheduler_config, class_names = load_unet_and_schedule(args.model)
     unet.to(device)
     channels, resolution = unet.config.in_channels, unet.config.sample_size
     config = training_config_of(args.model, args)
@@ -89,7 +93,7 @@ def main(argv=None) -> None:
     results = {"model": args.model, "reference": reference_name(config), "extractor": evaluator.extractor.name}
     if isinstance(evaluator.extractor, DigitFeatures):
         results["classifier_holdout_accuracy"] = evaluator.extractor.accuracy
-    pipeline = build_pipeline(unet, scheduler_config, args.scheduler, device)
+    pipeline = build_pipeline(unet, scheduler_config, args.scheduler, device, class_names)
     steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
     labels = class_labels_for(pipeline, args.num_samples, None)
     started = time.perf_counter()

@@ -13,6 +13,8 @@ import os
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 from tqdm.auto import tqdm
@@ -38,36 +40,39 @@ def default_steps(scheduler: str, scheduler_config: dict) -> int:
     return {"ddpm": scheduler_config["num_train_timesteps"], "ddim": 50, "dpm++": 20}[scheduler]
 
 
-def load_unet_and_schedule(model: str) -> tuple[UNet2DModel, dict]:
-    """The UNet and the training scheduler's config from a pipeline folder or Hub id."""
+def load_unet_and_schedule(model: str) -> tuple[UNet2DModel, dict, list[str] | None]:
+    """The UNet, the training scheduler's config and the class names (None when unnamed) from a
+    pipeline folder or Hub id."""
     if model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(model)):
         raise UserError(f"{model} is not a folder; pass a folder written by train_ddpm.py or a Hub model id")
     try:
         unet = UNet2DModel.from_pretrained(model, subfolder="unet")
         scheduler_config = DDPMScheduler.load_config(model, subfolder="scheduler")
+        class_names = ClassConditionalDDPMPipeline.load_config(model).get("class_names") if is_class_conditional(unet) else None
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load a trained pipeline from {model}: {first_line(e)}") from None
-    return unet.eval(), scheduler_config
+    return unet.eval(), scheduler_config, class_names
 
 
 def is_class_conditional(unet: UNet2DModel) -> bool:
     return bool(unet.config.num_class_embeds)
 
 
-def pipeline_for(unet: UNet2DModel, noise_scheduler: DDPMScheduler) -> DDPMPipeline | ClassConditionalDDPMPipeline:
-    """What a run saves: diffusers' own DDPMPipeline, or ours when the UNet takes class labels."""
+def pipeline_for(unet: UNet2DModel, noise_scheduler: DDPMScheduler, class_names: list[str] | None = None) -> DDPMPipeline | ClassConditionalDDPMPipeline:
+    """What a run saves: diffusers' own DDPMPipeline, or ours (with the class names) when the UNet takes class labels."""
     if is_class_conditional(unet):
-        return ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
+        return ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     return DDPMPipeline(unet=unet, scheduler=noise_scheduler)
 
 
-def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, device: torch.device | None = None):
+def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, device: torch.device | None = None,
+                   class_names: list[str] | None = None):
     """A pipeline over ``unet`` with the chosen sampler (class-conditional if the UNet takes labels)."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
     noise_scheduler = SCHEDULERS[scheduler](scheduler_config)
     if is_class_conditional(unet):
-        pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler)
+        pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     elif scheduler == "ddim":  # DDIMPipeline passes eta on to the scheduler
         pipeline = DDIMPipeline(unet=unet, scheduler=noise_scheduler)
     else:
@@ -76,16 +81,18 @@ def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, de
     return pipeline.to(device or default_device())
 
 
-def class_labels_for(pipeline, num_images: int, class_label: int | None) -> torch.Tensor | None:
-    """Labels for a conditional model: the one asked for, else every class in turn (balanced)."""
+def class_labels_for(pipeline, num_images: int, class_label: int | str | None) -> torch.Tensor | None:
+    """Labels for a conditional model: the class asked for (by name or index), else every class in turn (balanced)."""
     if not isinstance(pipeline, ClassConditionalDDPMPipeline):
         if class_label is not None:
             raise UserError("--class_label needs a class-conditional model; this one was trained without labels")
         return None
     if class_label is not None:
-        if not 0 <= class_label < pipeline.num_classes:
-            raise UserError(f"--class_label must be in 0..{pipeline.num_classes - 1} for this model, got {class_label}")
-        return torch.full((num_images,), class_label)
+        try:
+            return torch.full((num_images,), pipeline.class_index(class_label))
+        except ValueError:
+            raise UserError(f"--class_label {class_label!r} is not a class of this model: give a name "
+                            f"({', '.join(pipeline.class_names)}) or an index in 0..{pipeline.num_classes - 1}") from None
     return torch.arange(num_images) % pipeline.num_classes
 
 
@@ -100,7 +107,11 @@ def draw_images(pipeline, num_images: int, batch_size: int, num_inference_steps:
                 class_labels: torch.Tensor | None = None, guidance_scale: float = 1.0, progress: bool = True) -> torch.Tensor:
     """(N, C, H, W) uint8 images; image i depends only on (seed, i) and the sampler settings."""
     batches = []
-    for start in tqdm(range(0, num_images, batch_size), desc="sampling", unit="batch", disable=not progress):
+    starts = range(0, num_images, batch_size)
+    # The bar counts denoising steps, so its time estimate is right from the first batch on.
+    bar = tqdm(total=len(starts) * num_inference_steps, desc=f"sampling {num_images} images", unit="step", disable=not progress)
+    pipeline.progress_bar = _advancing(bar)
+    for start in starts:
         indices = range(start, min(start + batch_size, num_images))
         generators = [generator(Stream.SAMPLING, seed, i) for i in indices]
         options = dict(generator=generators, num_inference_steps=num_inference_steps, output_type="np")
@@ -111,11 +122,30 @@ def draw_images(pipeline, num_images: int, batch_size: int, num_inference_steps:
         else:
             images = pipeline(batch_size=len(indices), **options).images
         batches.append(torch.from_numpy((np.clip(images, 0, 1) * 255).round().astype(np.uint8)).permute(0, 3, 1, 2))
+    bar.close()
+    del pipeline.progress_bar  # the pipeline's own (disabled) bar again
     return torch.cat(batches)
 
 
-def image_grid(images: np.ndarray, columns: int | None = None) -> PIL.Image.Image:
-    """Tile (N, H, W, C) images in [0, 1] into one PNG-ready picture, with a 2-pixel gutter."""
+def _advancing(bar):
+    """Stands in for DiffusionPipeline.progress_bar: iterate the timesteps, advancing ``bar``."""
+    def progress_bar(iterable=None, total=None):
+        for item in iterable:
+            yield item
+            bar.update(1)
+    return progress_bar
+
+
+GRID_MIN_SIDE = 64  # pixels: smaller images are enlarged (nearest neighbour) in grids, so a person can read them
+
+
+def image_grid(images: np.ndarray, columns: int | None = None, row_labels: list[str] | None = None,
+               caption: str | None = None) -> PIL.Image.Image:
+    """Tile (N, H, W, C) images in [0, 1] into one PNG-ready picture, with a 2-pixel gutter; with
+    ``row_labels``, each row's label on its left; with ``caption``, a line of text above. Images
+    smaller than GRID_MIN_SIDE are enlarged by a whole factor (a 28-pixel digit becomes 84 pixels)."""
+    scale = -(-GRID_MIN_SIDE // min(images.shape[1:3]))
+    images = images.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else images
     count, height, width, channels = images.shape
     columns = columns or math.ceil(math.sqrt(count))
     rows = math.ceil(count / columns)
@@ -126,19 +156,41 @@ def image_grid(images: np.ndarray, columns: int | None = None) -> PIL.Image.Imag
         top, left = gutter + row * (height + gutter), gutter + column * (width + gutter)
         canvas[top : top + height, left : left + width] = image
     pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8)
-    return PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    grid = PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
+    return _labelled(grid, height + gutter, row_labels, caption) if row_labels or caption else grid
 
 
-def save_images(images: torch.Tensor, grid: str | None, out_dir: str | None, columns: int | None = None) -> None:
-    """A grid PNG and/or one PNG per image."""
+CAPTION_HEIGHT = 16  # pixels above a captioned grid
+
+
+def _labelled(grid: PIL.Image.Image, row_pitch: int, row_labels: list[str] | None, caption: str | None) -> PIL.Image.Image:
+    """The grid on a white page with black text: row labels in a left margin, the caption on top."""
+    font = PIL.ImageFont.load_default(size=11)
+    measure = PIL.ImageDraw.Draw(grid)
+    margin = max((measure.textlength(label, font=font) for label in row_labels), default=0) + 6 if row_labels else 0
+    top = CAPTION_HEIGHT if caption else 0
+    width = max(grid.width + int(margin), int(measure.textlength(caption, font=font)) + 4 if caption else 0)
+    page = PIL.Image.new(grid.mode, (width, grid.height + top), "white")
+    page.paste(grid, (int(margin), top))
+    draw = PIL.ImageDraw.Draw(page)
+    if caption:
+        draw.text((2, 2), caption, fill="black", font=font)
+    for row, label in enumerate(row_labels or []):
+        draw.text((2, top + 2 + row * row_pitch + row_pitch // 2 - 7), label, fill="black", font=font)
+    return page
+
+
+def save_images(images: torch.Tensor, grid: str | None, out_dir: str | None, columns: int | None = None,
+                row_labels: list[str] | None = None, caption: str | None = None) -> None:
+    """A grid PNG (with row labels and a caption, when given) and/or one PNG per image."""
     as_floats = images.permute(0, 2, 3, 1).float().numpy() / 255
     if grid:
         os.makedirs(os.path.dirname(os.path.abspath(grid)), exist_ok=True)
-        image_grid(as_floats, columns).save(grid)
+        image_grid(as_floats, columns, row_labels, caption).save(grid)
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
-        for i, image in enumerate(as_floats):
-            image_grid(image[None], 1).crop((2, 2, 2 + image.shape[1], 2 + image.shape[0])).save(os.path.join(out_dir, f"{i:05d}.png"))
+        for i, image in enumerate(images.permute(0, 2, 3, 1).numpy()):  # each at its own size
+            PIL.Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image).save(os.path.join(out_dir, f"{i:05d}.png"))
 
 
 def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:

@@ -127,10 +127,12 @@ def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None)
     tags += ["class-conditional", "classifier-free-guidance"] if conditional else ["unconditional-image-generation"]
     card_data = ModelCardData(library_name="diffusers", tags=tags, datasets=[hub_dataset] if hub_dataset else None,
                               pipeline_tag="unconditional-image-generation")
+    class_names = stats.get("class_names") or []
     if conditional:
+        examples = [repr(name) for name in class_names[:2]] or ["0", "1"]
         usage = ("from ddpm_hf.pipeline import ClassConditionalDDPMPipeline  # the ddpm_hf package that trained it\n\n"
                  f"pipeline = ClassConditionalDDPMPipeline.from_pretrained(\"{repo_id}\")\n"
-                 "images = pipeline(class_labels=[0, 1, 2, 3], guidance_scale=2.0, num_inference_steps=250).images")
+                 f"images = pipeline(class_labels=[{', '.join(examples)}], guidance_scale=2.0, num_inference_steps=250).images  # names or indices")
     else:
         usage = ("from diffusers import DDPMPipeline\n\n"
                  f"pipeline = DDPMPipeline.from_pretrained(\"{repo_id}\")\n"
@@ -145,6 +147,7 @@ def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None)
         f"UNet preset `{config.get('model_preset')}` ({(stats.get('parameters') or 0) / 1e6:.2f}M parameters), "
         f"{config.get('prediction_type')} prediction, EMA weights.",
         "",
+        *([f"Classes (label: name): {', '.join(f'{i}: {name}' for i, name in enumerate(class_names))}.", ""] if conditional and class_names else []),
         "## Usage",
         "",
         "```python",
@@ -155,7 +158,8 @@ def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None)
     if sample_grid:
         lines += ["## Samples", "", f"![samples]({sample_grid})", ""]
     lines += ["## Training loss", "", "![loss curve](loss_curve.png)", ""]
-    results = {k: stats.get(k) for k in ("final_loss_smoothed", "final_val_loss", "best_val_loss", "images_per_s", "train_time_s", "device", "mixed_precision")}
+    results = {k: stats.get(k) for k in ("final_loss_smoothed", "final_val_loss", "best_val_loss", "images_per_s", "train_time_s", "wall_time_s",
+                                         "device", "mixed_precision")}
     lines += ["## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in results.items() if v is not None] + [""]
     lines += ["## Training configuration", "", "| option | value |", "|---|---|"]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(config.items()) if k != "hub_token"]

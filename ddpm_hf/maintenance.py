@@ -91,7 +91,7 @@ def validate(run, final: bool) -> bool:
 def save_best(run, record: dict) -> None:
     """best/: the pipeline of the sampling weights (already loaded), with its validation record."""
     with atomic_path(os.path.join(run.config.output_dir, BEST)) as partial:
-        pipeline_for(run.sampling_unet, run.noise_scheduler).save_pretrained(partial, safe_serialization=True)
+        pipeline_for(run.sampling_unet, run.noise_scheduler, run.data.class_names).save_pretrained(partial, safe_serialization=True)
         write_json(os.path.join(partial, "validation.json"), record)
 
 
@@ -163,8 +163,8 @@ def evaluate(run, final: bool) -> None:
 
 
 def write_grid(run, final: bool) -> str | None:
-    """A grid of samples from a fixed seed at --save_images_steps (and at the end); for a
-    class-conditional run, one row per class."""
+    """A grid of samples from a fixed seed at --save_images_steps (and at the end), captioned with
+    its sampler; for a class-conditional run, one row per class, labelled with the class's name."""
     config, step = run.config, run.progress.step
     if not run.accelerator.is_main_process or not (every(config.save_images_steps, step) or final):
         return None
@@ -172,11 +172,15 @@ def write_grid(run, final: bool) -> str | None:
         pipeline = build_pipeline(run.sampling_weights(), run.noise_scheduler.config, config.sampler, run.device)
         labels, columns = class_grid_labels(run.data.num_classes, config.eval_batch_size) if config.class_conditional else (None, None)
         count = len(labels) if labels is not None else config.eval_batch_size
+        names = run.data.class_names or [str(i) for i in range(run.data.num_classes or 0)]
+        row_labels = names if config.class_conditional else None
+        caption = (f"step {step}, {config.sampler.upper()} {config.grid_inference_steps} steps, {'EMA' if config.use_ema else 'live'} weights"
+                   + (f", guidance {config.guidance_scale:g}" if config.class_conditional else ""))
         # Image i is seeded by (seed, i), as in the sampling command: the same noise at every step of the run.
         images = draw_images(pipeline, count, count, config.grid_inference_steps, config.seed, class_labels=labels,
                              guidance_scale=config.guidance_scale, progress=False)
         path = os.path.join(config.output_dir, "samples", f"step_{step:07d}.png")
-        save_images(images, path, None, columns)
+        save_images(images, path, None, columns, row_labels, caption)
     return path
 
 
@@ -186,6 +190,7 @@ def save_checkpoint(run, final: bool) -> None:
     config, step = run.config, run.progress.step
     if not (every(config.checkpointing_steps, step) or final):
         return
+    run.progress.wall_seconds = run.wall_seconds()
     with run.interval.paused():
         path = checkpoints.save_checkpoint(run.accelerator, config.output_dir, step, run.run_info, config.checkpoints_total_limit)
         run.say(f"saved checkpoint {path}")
@@ -196,4 +201,4 @@ def save_checkpoint(run, final: bool) -> None:
 def interrupted_message(run, signum: int) -> str:
     newest = checkpoints.list_checkpoints(run.config.output_dir)[-1][1]
     return (f"stopped by {signal.Signals(signum).name} after step {run.progress.step}: the checkpoint is {newest}; "
-            "run the same command with --resume_from_checkpoint latest to continue exactly where it stopped")
+            "run the same command again to continue exactly where it stopped")

@@ -22,7 +22,10 @@ class MetricsLog:
         self.path = os.path.join(output_dir, name)
 
     def truncate_after(self, step: int) -> None:
-        """On resume, drop rows the interrupted run logged after its last checkpoint: they are redone."""
+        """On resume, drop rows the interrupted run logged after its last checkpoint: they are redone.
+        A log the run never wrote (validation or evaluation switched off) is not created."""
+        if not os.path.isfile(self.path):
+            return
         kept = [row for row in self.read() if row["step"] <= step]
         with open(self.path, "w") as f:
             f.writelines(json.dumps(row) + "\n" for row in kept)

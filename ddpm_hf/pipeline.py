@@ -51,19 +51,47 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
 
     :param unet: a UNet2DModel with ``num_class_embeds`` = number of classes + 1 (the null class).
     :param scheduler: a DDPMScheduler, DDIMScheduler or another diffusers scheduler on the training schedule.
+    :param class_names: the name of each class, in label order (saved in model_index.json, so
+      ``class_labels`` may name classes: ``pipeline(["Sandal", "Bag"])``).
     """
 
     model_cpu_offload_seq = "unet"
 
-    def __init__(self, unet: UNet2DModel, scheduler):
+    def __init__(self, unet: UNet2DModel, scheduler, class_names: list[str] | None = None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
+        self.register_to_config(class_names=list(class_names) if class_names else None)
 
     @property
     def num_classes(self) -> int:
         return null_class_label(self.unet)
 
+    @property
+    def class_names(self) -> list[str]:
+        """The classes' names in label order; their indices as text when the training data named none."""
+        return list(self.config.class_names or [str(i) for i in range(self.num_classes)])
+
+    def class_index(self, label: int | str) -> int:
+        """The label of a class given by name (exactly, else ignoring case) or by index."""
+        names = self.class_names
+        if isinstance(label, str):
+            if label in names:
+                return names.index(label)
+            lowered = [name.lower() for name in names]
+            if label.lower() in lowered:
+                return lowered.index(label.lower())
+            if not label.lstrip("-").isdigit():
+                raise ValueError(f"no class named {label!r}; this model's classes are {', '.join(names)}")
+            label = int(label)
+        if not 0 <= label < self.num_classes:
+            raise ValueError(f"class_labels must lie in 0..{self.num_classes - 1} (this model has {self.num_classes} classes); got {label}")
+        return int(label)
+
     def _labels(self, class_labels) -> torch.Tensor:
+        if isinstance(class_labels, (str, int)):
+            class_labels = [class_labels]
+        if not torch.is_tensor(class_labels):
+            class_labels = [self.class_index(label) if isinstance(label, str) else label for label in class_labels]
         labels = torch.as_tensor(class_labels, dtype=torch.long).reshape(-1)
         if labels.numel() == 0:
             raise ValueError("class_labels is empty: give at least one class label")
@@ -82,7 +110,7 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         output_type: str = "pil",
         return_dict: bool = True,
     ) -> ImagePipelineOutput | tuple:
-        """Draw one image per entry of ``class_labels`` (an int, a list of ints or a tensor).
+        """Draw one image per entry of ``class_labels`` (an int or a class name, a list of them, or a tensor).
 
         :param guidance_scale: s in eps_uncond + s (eps_cond - eps_uncond); 1 = conditional only.
         :param eta: DDIM's noise scale (0 = deterministic); ignored by schedulers without it.

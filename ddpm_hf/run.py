@@ -45,6 +45,7 @@ class Progress:
     step: int = 0  # optimizer steps done
     images_seen: int = 0
     train_seconds: float = 0.0  # time inside optimisation steps, summed over every resume
+    wall_seconds: float = 0.0  # wall time of the processes that trained the run, each until its last checkpoint
     nonfinite_streak: int = 0  # consecutive steps skipped for a non-finite loss or gradient
 
     def state_dict(self) -> dict:
@@ -85,6 +86,7 @@ class Run:
     evaluation_log: MetricsLog
     evaluator: Evaluator | None = None
     started: float = 0.0  # time.time() at the start of this process's run
+    wall_seconds_before: float = 0.0  # Progress.wall_seconds when this process resumed
     evaluation_seconds: float = 0.0  # spent by this process on evaluations (and the classifier's training)
     images_this_run: int = 0  # trained by this process, for its own images/s
     seconds_this_run: float = 0.0
@@ -97,6 +99,10 @@ class Run:
     def run_info(self) -> dict:
         """What every checkpoint records about the run, to refuse an incompatible resume."""
         return {"training_config": self.config.to_dict(), "unet_config": dict(self.unet_values)}
+
+    def wall_seconds(self) -> float:
+        """The run's wall time so far: the earlier processes' (until their last checkpoint) and this one's."""
+        return self.wall_seconds_before + time.time() - self.started
 
     def say(self, message: str) -> None:
         """One line above the progress bar, from one process per machine."""
@@ -119,6 +125,20 @@ def total_train_steps(config: TrainingConfig, data: InMemoryImages | StreamingIm
     if data.num_examples is None:
         raise UserError("--streaming needs --max_train_steps: a stream's length is not known in advance")
     return -(-config.num_epochs * data.num_examples // images_per_step)
+
+
+def apply_epoch_intervals(config: TrainingConfig, data: InMemoryImages | StreamingImages, images_per_step: int) -> None:
+    """diffusers' --save_images_epochs and --save_model_epochs, as the step intervals they mean here."""
+    if config.save_images_epochs is None and config.save_model_epochs is None:
+        return
+    if data.num_examples is None:
+        raise UserError("--save_images_epochs and --save_model_epochs need the data in memory (a stream's epoch length is unknown); "
+                        "use --save_images_steps and --checkpointing_steps with --streaming")
+    steps_per_epoch = -(-data.num_examples // images_per_step)
+    if config.save_images_epochs is not None:
+        config.save_images_steps = config.save_images_epochs * steps_per_epoch
+    if config.save_model_epochs is not None:
+        config.checkpointing_steps = config.save_model_epochs * steps_per_epoch
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainingConfig) -> torch.optim.AdamW:
@@ -149,6 +169,7 @@ def build_run(config: TrainingConfig, stop_request: StopRequest, cleanup: contex
     optimizer = make_optimizer(unet, config)
     images_per_step = config.train_batch_size * world_size * config.gradient_accumulation_steps
     max_steps = total_train_steps(config, data, images_per_step)
+    apply_epoch_intervals(config, data, images_per_step)
     # Stepped once per optimizer step on every process, so it is not passed to prepare(), which
     # would step it num_processes times.
     lr_scheduler = get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.lr_warmup_steps, num_training_steps=max_steps)
@@ -199,6 +220,7 @@ def resume(run: Run) -> None:
             accelerator.print(f"skipping {candidate}: it could not be loaded ({first_line(e)}); it is left as it is")
             failures.append(candidate)
             continue
+        run.wall_seconds_before = run.progress.wall_seconds
         if accelerator.is_main_process:
             for log in (run.metrics, run.validation_log, run.evaluation_log):
                 log.truncate_after(run.progress.step)

@@ -28,7 +28,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--num_images", type=int, default=16)
     parser.add_argument("--batch_size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--class_label", type=int, default=None, help="conditional models: draw this class (default: every class in turn)")
+    parser.add_argument("--class_label", default=None, help="conditional models: draw this class, by name or index (default: every class in turn)")
     parser.add_argument("--guidance_scale", type=float, default=1.0, help="conditional models: eps_uncond + s (eps_cond - eps_uncond)")
     parser.add_argument("--grid", default=None, help="write a grid of all images to this PNG")
     parser.add_argument("--out_dir", default=None, help="write one PNG per image into this folder")
@@ -48,9 +48,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    unet, scheduler_config = load_unet_and_schedule(args.model)
+    unet, scheduler_config, class_names = load_unet_and_schedule(args.model)
     device = torch.device(args.device) if args.device else default_device()
-    pipeline = build_pipeline(unet, scheduler_config, args.scheduler, device)
+    pipeline = build_pipeline(unet, scheduler_config, args.scheduler, device, class_names)
     steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
     if steps > scheduler_config["num_train_timesteps"]:
         raise UserError(f"--num_inference_steps {steps} exceeds the model's {scheduler_config['num_train_timesteps']} training steps")
@@ -58,7 +58,8 @@ def main(argv=None) -> None:
     images = draw_images(pipeline, args.num_images, args.batch_size, steps, args.seed, args.eta, labels, args.guidance_scale)
     # A conditional grid drawn class by class reads best with one column per class.
     columns = pipeline.num_classes if labels is not None and args.class_label is None and args.num_images >= pipeline.num_classes else None
-    save_images(images, args.grid, args.out_dir, columns)
+    caption = f"{args.scheduler.upper()} {steps} steps, seed {args.seed}" + (f", class {pipeline.class_names[int(labels[0])]}" if args.class_label is not None else "")
+    save_images(images, args.grid, args.out_dir, columns, caption=caption)
     written = [p for p in (args.grid, args.out_dir) if p]
     print(json.dumps({"images": args.num_images, "scheduler": args.scheduler, "steps": steps, "seed": args.seed, "written": written}))
 

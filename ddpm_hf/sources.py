@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from .config import TrainingConfig
-from .data import (ImageFormat, decode_in_memory, find_columns, first_examples, image_format_for, labels_and_classes,
+from .data import (ImageFormat, class_names_of, decode_in_memory, find_columns, first_examples, image_format_for, labels_and_classes,
                    load_source_dataset, to_uint8_array)
 from .errors import UserError
 from .seeds import Stream
@@ -62,6 +62,7 @@ class InMemoryImages:
         self.images = images
         self.labels = labels
         self.num_classes = num_classes
+        self.class_names: list[str] | None = None  # set by load_data from a ClassLabel column
         self.micro_batch = micro_batch
         self.rank = rank
         self.world_size = world_size
@@ -87,8 +88,9 @@ class InMemoryImages:
         return self.images[index], (self.labels[index] if self.labels is not None else None)
 
     def preview(self, count: int) -> torch.Tensor:
-        """The first ``count`` training images (for diagnostics), without moving the data position."""
-        return self.images[:count]
+        """``count`` training images spread evenly over the set (for diagnostics: a dataset sorted by
+        class shows several classes), without moving the data position."""
+        return self.images[torch.linspace(0, len(self.images) - 1, count).round().long()]
 
     # The position is a function of the step alone: nothing to save.
     def state_dict(self) -> dict:
@@ -126,9 +128,8 @@ class StreamingImages:
         self.rank = rank
         self.world_size = world_size
         self.device = device
-        self.num_classes = None
-        if label_column and isinstance(dataset.features[label_column], datasets.ClassLabel):
-            self.num_classes = dataset.features[label_column].num_classes
+        self.class_names = class_names_of(dataset.features, label_column)
+        self.num_classes = len(self.class_names) if self.class_names is not None else None
         self.epoch = 0
         self.consumed = 0
         self._iterator = None
@@ -170,8 +171,9 @@ class StreamingImages:
         return batch["pixels"].to(self.device, non_blocking=True), labels
 
     def preview(self, count: int) -> torch.Tensor:
-        """The first ``count`` images of the stream (for diagnostics), read apart from the training iterator."""
-        return torch.from_numpy(np.stack([to_uint8_array(e[self.image_column], self.fmt) for e in self.dataset.take(count)]))
+        """``count`` images from a shuffled look at the stream (for diagnostics), read apart from the training iterator."""
+        look = self.dataset.shuffle(seed=self.config.seed, buffer_size=min(1000, self.config.shuffle_buffer_size)).take(count)
+        return torch.from_numpy(np.stack([to_uint8_array(e[self.image_column], self.fmt) for e in look]))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}
@@ -253,6 +255,7 @@ def load_data(config: TrainingConfig, device: torch.device, rank: int = 0, world
             rank=rank,
             world_size=world_size,
         )
+        train.class_names = class_names_of(dataset.features, label_column)
 
     if validation_source is None:
         return train, None

@@ -5,6 +5,7 @@ Read `train` top to bottom; the step is in step.py, the jobs between steps in ma
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import time
 
@@ -57,22 +58,45 @@ def end_interrupted_run(run: Run, stop: Stop) -> None:
 
 
 def finish(run: Run) -> dict:
-    """Save the final pipeline, the loss curve, the statistics and the model card; push to the Hub."""
+    """Save the final pipeline, the loss curve, the statistics and the model card; push to the Hub.
+
+    A rerun of a run that had already finished trains nothing and leaves the run's own pipeline,
+    statistics and model card as they are."""
     accelerator, config = run.accelerator, run.config
     accelerator.wait_for_everyone()
     ranks_identical = ranks_hold_the_same_weights(run)
+    stats_path = os.path.join(config.output_dir, "train_stats.json")
     stats = {}
     if accelerator.is_main_process:
-        pipeline_for(run.sampling_weights(), run.noise_scheduler).save_pretrained(config.output_dir, safe_serialization=True)
-        stats = run_statistics(run, ranks_identical)
-        write_json(os.path.join(config.output_dir, "train_stats.json"), stats)
-        write_card_and_push(run, stats)
-        accelerator.print(
-            f"done: {run.progress.step} steps, {run.progress.images_seen} images in {stats['wall_time_s']:.0f} s "
-            f"({stats['images_per_s']} images/s), smoothed loss {stats['final_loss_smoothed']}; pipeline saved to {config.output_dir}"
-        )
+        finished_before = run.images_this_run == 0 and _saved_steps(stats_path) == run.progress.step
+        if finished_before:
+            with open(stats_path) as f:
+                stats = json.load(f)
+            accelerator.print(f"{config.output_dir} holds this run, finished at step {run.progress.step}: nothing to train; "
+                              "its pipeline, statistics and model card are left as they are")
+        else:
+            pipeline_for(run.sampling_weights(), run.noise_scheduler, run.data.class_names).save_pretrained(config.output_dir, safe_serialization=True)
+            stats = run_statistics(run, ranks_identical)
+            write_json(stats_path, stats)
+            mine = stats["this_process"]
+            accelerator.print(
+                f"done: {run.progress.step} steps, {run.progress.images_seen} images in {stats['train_time_s']:.0f} s of training "
+                f"({stats['images_per_s']} images/s) and {stats['wall_time_s']:.0f} s in all; this process: {mine['images']} images in "
+                f"{mine['train_time_s']:.0f} s ({mine['images_per_s']} images/s); smoothed loss {stats['final_loss_smoothed']}; "
+                f"pipeline saved to {config.output_dir}"
+            )
+        write_card_and_push(run, stats, rewrite_card=not finished_before)
     finish_trackers(accelerator)
     return stats
+
+
+def _saved_steps(stats_path: str) -> int | None:
+    """The step count in a run's train_stats.json, or None when there is none (or it is unreadable)."""
+    try:
+        with open(stats_path) as f:
+            return json.load(f).get("steps")
+    except (OSError, ValueError):
+        return None
 
 
 @torch.no_grad()
@@ -107,11 +131,19 @@ def run_statistics(run: Run, ranks_identical: bool) -> dict:
         plot_loss_curve(rows, os.path.join(config.output_dir, "loss_curve.png"), validation_rows)
     peak, peak_kind = peak_memory_bytes(run.device)
     return {
-        "wall_time_s": round(time.time() - run.started, 2),
+        # The whole run, over every resume: optimisation time, and wall time (each earlier process until its last checkpoint).
+        "wall_time_s": round(run.wall_seconds(), 2),
         "train_time_s": round(progress.train_seconds, 2),
         "steps": progress.step,
         "images_seen": progress.images_seen,
-        "images_per_s": round(run.images_this_run / run.seconds_this_run, 2) if run.seconds_this_run else None,
+        "images_per_s": round(progress.images_seen / progress.train_seconds, 2) if progress.train_seconds else None,
+        # This process's share: what it trained since it started (or resumed).
+        "this_process": {
+            "wall_time_s": round(time.time() - run.started, 2),
+            "train_time_s": round(run.seconds_this_run, 2),
+            "images": run.images_this_run,
+            "images_per_s": round(run.images_this_run / run.seconds_this_run, 2) if run.seconds_this_run else None,
+        },
         "peak_memory_bytes": peak,
         "peak_memory_kind": peak_kind,
         "final_loss_smoothed": smooth_without_lag([r["loss"] for r in rows])[-1] if rows else None,
@@ -119,6 +151,7 @@ def run_statistics(run: Run, ranks_identical: bool) -> dict:
         "best_val_loss": best.best_loss,
         "best_step": best.best_step,
         "stopped_early": best.stopped,
+        "class_names": run.data.class_names if config.class_conditional else None,
         "parameters": count_parameters(run.unet),
         "device": str(run.device),
         "num_processes": run.accelerator.num_processes,
@@ -129,13 +162,14 @@ def run_statistics(run: Run, ranks_identical: bool) -> dict:
     }
 
 
-def write_card_and_push(run: Run, stats: dict) -> None:
+def write_card_and_push(run: Run, stats: dict, rewrite_card: bool = True) -> None:
     """README.md (the model card) beside the pipeline, then the push to the Hub when asked."""
     config, pusher = run.config, run.pusher
     last_grid = f"samples/step_{run.progress.step:07d}.png"
     last_grid = last_grid if os.path.isfile(os.path.join(config.output_dir, last_grid)) else None
-    with open(os.path.join(config.output_dir, "README.md"), "w") as f:
-        f.write(model_card(pusher.repo_id if pusher else config.hub_repo_id, config.to_dict(), stats, last_grid))
+    if rewrite_card:
+        with open(os.path.join(config.output_dir, "README.md"), "w") as f:
+            f.write(model_card(pusher.repo_id if pusher else config.hub_repo_id, config.to_dict(), stats, last_grid))
     if pusher is not None:
         for failure in pusher.wait_for_checkpoints():
             run.say(f"warning: a checkpoint upload failed: {failure}")

@@ -15,6 +15,11 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Under `pytest -n 2` two workers share the cores: one thread each for the tests that train in
+    # process (set before torch is imported), as the subprocesses already run with (cli_env).
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 # Flags that keep a test run small: few steps, no tracker, checkpoints only where a test asks.
 FAST = ["--max_train_steps", "4", "--train_batch_size", "8", "--logging_steps", "2", "--save_images_steps", "0",
         "--checkpointing_steps", "0", "--report_to", "none", "--eval_batch_size", "4", "--num_inference_steps", "2"]
@@ -33,31 +38,29 @@ def run_train(args: list[str], timeout: float = 300, **env: str) -> subprocess.C
                           capture_output=True, text=True, timeout=timeout)
 
 
+def _folder_in_environment(tmp_path_factory, variable: str, name: str):
+    """Point ``variable`` at a fresh folder for the session (subprocesses inherit it), then restore it."""
+    folder = tmp_path_factory.mktemp(name)
+    previous = os.environ.get(variable)
+    os.environ[variable] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop(variable, None)
+    else:
+        os.environ[variable] = previous
+
+
 @pytest.fixture(scope="session", autouse=True)
 def isolated_hf_home(tmp_path_factory):
     """Keep the Hugging Face caches of the tests away from the user's."""
-    home = tmp_path_factory.mktemp("hf_home")
-    previous = os.environ.get("HF_HOME")
-    os.environ["HF_HOME"] = str(home)
-    yield home
-    if previous is None:
-        os.environ.pop("HF_HOME", None)
-    else:
-        os.environ["HF_HOME"] = previous
+    yield from _folder_in_environment(tmp_path_factory, "HF_HOME", "hf_home")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_evaluation_cache(tmp_path_factory):
-    """One DDPM_HF_CACHE for the whole session (subprocesses inherit it): the digit classifier of
-    the offline digits is trained once, by the first test that needs it, and reused by the rest."""
-    cache = tmp_path_factory.mktemp("ddpm_hf_cache")
-    previous = os.environ.get("DDPM_HF_CACHE")
-    os.environ["DDPM_HF_CACHE"] = str(cache)
-    yield cache
-    if previous is None:
-        os.environ.pop("DDPM_HF_CACHE", None)
-    else:
-        os.environ["DDPM_HF_CACHE"] = previous
+    """One DDPM_HF_CACHE for the whole session: the digit classifier of the offline digits is
+    trained once, by the first test that needs it, and reused by the rest."""
+    yield from _folder_in_environment(tmp_path_factory, "DDPM_HF_CACHE", "ddpm_hf_cache")
 
 
 # The classifier that Evaluator.build trains on all 5,000 offline digits with seed 0, in the shared cache.

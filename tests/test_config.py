@@ -12,7 +12,8 @@ def test_defaults_are_the_offline_digits_run():
     config = parse_config([])
     assert config.dataset_name == "mnist-5k-offline"
     assert config.model_preset == "tiny" and config.prediction_type == "epsilon" and config.use_ema
-    assert config.grid_inference_steps == 50  # ddim default
+    assert config.sampler == "ddpm" and config.grid_inference_steps == 250  # ancestral grids, strided to 250 steps
+    assert config.output_dir == "ddpm-mnist-5k-offline"  # named after the data
 
 
 def test_flags_and_a_yaml_file_combine(tmp_path):

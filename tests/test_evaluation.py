@@ -14,7 +14,7 @@ from safetensors import safe_open
 from ddpm_hf.config import TrainingConfig
 from ddpm_hf.sources import load_data
 from ddpm_hf.errors import UserError
-from ddpm_hf.generation import slerp
+from ddpm_hf.generation import CAPTION_HEIGHT, slerp
 from ddpm_hf.scoring import Evaluator, features_of, noise_images
 from ddpm_hf.features import DigitFeatures, InceptionFeatures, _torch_fidelity_inception, classifier_scores, train_digit_classifier
 from ddpm_hf.fid import FeatureStatistics, frechet_distance
@@ -151,8 +151,9 @@ def test_sample_command_writes_a_grid_and_files_and_repeats_with_the_same_seed(c
     common = [str(conditional_model), "--scheduler", "ddim", "--num_inference_steps", "3", "--guidance_scale", "2"]
     first = _command("ddpm_hf.sample", *common, "--num_images", "10", "--batch_size", "4", "--grid", str(tmp_path / "grid.png"), "--out_dir", str(tmp_path / "a"))
     assert first.returncode == 0, first.stderr[-2000:]
-    assert "sampling" in first.stderr  # the progress bar
-    assert PIL.Image.open(tmp_path / "grid.png").size == (2 + 10 * 30, 2 + 30)  # one column per class
+    assert "sampling 10 images" in first.stderr and "step" in first.stderr  # the progress bar counts denoising steps: a time estimate from the start
+    # One column per class, each 28-pixel digit enlarged to 84 pixels, under a caption naming the sampler.
+    assert PIL.Image.open(tmp_path / "grid.png").size == (2 + 10 * 86, CAPTION_HEIGHT + 2 + 86)
     second = _command("ddpm_hf.sample", *common, "--num_images", "3", "--batch_size", "3", "--out_dir", str(tmp_path / "b"))
     assert second.returncode == 0, second.stderr[-2000:]
     files = sorted(p.name for p in (tmp_path / "a").iterdir())
@@ -206,7 +207,7 @@ def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_inter
     assert "| ddim | 4 |" in (report / "samplers.md").read_text()
     assert (report / "samplers.csv").read_text().startswith("sampler,steps,seconds_per_image,fid")
     assert PIL.Image.open(report / "samplers.png").size[0] > 400
-    assert PIL.Image.open(tmp_path / "interp.png").size == (2 + 8 * 30, 2 + 4 * 30)
+    assert PIL.Image.open(tmp_path / "interp.png").size == (2 + 8 * 86, 2 + 4 * 86)
 
     stats = [p for p in (cache / "stats").iterdir() if p.name.startswith("mnist-5k-offline-train-28px-5000-digits-")]
     assert len(stats) == 1, sorted(p.name for p in (cache / "stats").iterdir())

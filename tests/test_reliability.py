@@ -57,7 +57,7 @@ def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(u
     stdout, stderr = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, stderr[-2000:]
     last_line = stderr.strip().splitlines()[-1]
-    assert last_line.startswith(f"stopped by {signal.Signals(signum).name} after step ") and "--resume_from_checkpoint latest" in last_line
+    assert last_line.startswith(f"stopped by {signal.Signals(signum).name} after step ") and "run the same command again" in last_line
     assert "Traceback" not in stderr
     step = int(last_line.split("after step ")[1].split(":")[0])
     assert 0 < step < STEPS

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 from ddpm_hf.config import TrainingConfig, parse_config
 from ddpm_hf.checkpoints import checkpoint_problem, read_training_state
 from ddpm_hf.data import to_model_input
+from ddpm_hf.generation import CAPTION_HEIGHT
 from ddpm_hf.models import build_noise_scheduler, build_unet, unet_config
 from ddpm_hf.objective import DiffusionObjective
 from ddpm_hf.pipeline import ClassConditionalDDPMPipeline
@@ -88,7 +89,8 @@ def test_a_short_run_writes_every_output(finished_run):
     assert stats["parameters"] == sum(v.numel() for v in _weights(out / "unet/diffusion_pytorch_model.safetensors").values())
 
     grid = PIL.Image.open(out / "samples/step_0000004.png")
-    assert grid.mode == "L" and grid.size == (2 + 2 * 30, 2 + 2 * 30)  # 4 images of 28 px in a 2x2 grid with gutters
+    # 4 images of 28 px, enlarged to 84, in a 2x2 grid with gutters, under a caption naming the sampler.
+    assert grid.mode == "L" and grid.size[1] == CAPTION_HEIGHT + 2 + 2 * 86 and grid.size[0] >= 2 + 2 * 86
     assert PIL.Image.open(out / "loss_curve.png").size[0] > 400
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
     assert {"model.safetensors", "optimizer.bin", "random_states_0.pkl", "run_info.json"} <= {p.name for p in (out / "checkpoints/checkpoint-4").iterdir()}
@@ -305,7 +307,7 @@ def test_class_conditional_training_saves_a_guided_pipeline_and_draws_one_row_pe
     assert "10 classes + null" in result.stdout
     assert json.loads((out / "model_index.json").read_text())["_class_name"] == "ClassConditionalDDPMPipeline"
     grid = PIL.Image.open(out / "samples/step_0000004.png")
-    assert grid.size == (2 + 2 * 30, 2 + 10 * 30)  # 20 images: 10 rows (one per digit) of 2
+    assert grid.size[1] == CAPTION_HEIGHT + 2 + 10 * 86  # 20 images: 10 rows (one per digit) of 2
 
     pipeline = ClassConditionalDDPMPipeline.from_pretrained(str(out))
     pipeline.set_progress_bar_config(disable=True)
