@@ -31,22 +31,33 @@ def train(config: TrainingConfig) -> dict:
     # The exit stack closes the progress bar before any error is printed below it.
     with stop_on_signals() as stop_request, contextlib.ExitStack() as cleanup:
         try:
-            run = build_run(config, stop_request, cleanup)
-            run.model.train()
-            stop = stop_before_training(run)
-            while stop is None:
-                outcome = optimisation_step(run)
-                run.interval.add(run.progress.step + 1, outcome)
-                run.progress.step += 1
-                run.progress.images_seen += run.images_per_step
-                run.progress_bar.update(1)
-                stop = maintain(run)
-            run.progress_bar.close()
-            if stop.reason == "signal":
-                end_interrupted_run(run, stop)
-            return finish(run)
+            return run_training(config, stop_request, cleanup)
         finally:
+            # Only once run_training has returned: its Run (and DDP's reducer in it) must be gone
+            # before the process group is destroyed, or a two-process run can hang at exit.
             release_process_group()
+
+
+def run_training(config: TrainingConfig, stop_request, cleanup: contextlib.ExitStack) -> dict:
+    """Build the run, then one optimisation step and the maintenance after it until a job says stop."""
+    run = build_run(config, stop_request, cleanup)
+    try:
+        run.model.train()
+        stop = stop_before_training(run)
+        while stop is None:
+            outcome = optimisation_step(run)
+            run.interval.add(run.progress.step + 1, outcome)
+            run.progress.step += 1
+            run.progress.images_seen += run.images_per_step
+            run.progress_bar.update(1)
+            stop = maintain(run)
+        run.progress_bar.close()
+        if stop.reason == "signal":
+            end_interrupted_run(run, stop)
+        return finish(run)
+    except BaseException:
+        run = None  # the traceback keeps this frame alive: let go of the run (and DDP) before the group is destroyed
+        raise
 
 
 def end_interrupted_run(run: Run, stop: Stop) -> None:

@@ -45,7 +45,8 @@ def test_sigkill_at_random_moments_then_resume_ends_with_identical_weights(unint
     assert _same_final_weights(uninterrupted, out)  # bitwise on the CPU
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+# SIGINT (Ctrl-C) through the same path: tests/test_user_reports.py, where the command is rerun as it was typed.
+@pytest.mark.parametrize("signum", [signal.SIGTERM])
 def test_a_signal_finishes_the_step_writes_a_checkpoint_and_says_how_to_resume(uninterrupted, tmp_path, signum):
     out = tmp_path / "signalled"
     process = subprocess.Popen(kill_soak.training_command(str(out), STEPS), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,

@@ -114,7 +114,8 @@ def test_the_saved_pipeline_loads_samples_and_holds_the_ema_weights(finished_run
 
 def _config(out, **overrides) -> TrainingConfig:
     values = dict(output_dir=str(out), train_batch_size=4, gradient_accumulation_steps=2, logging_steps=1, save_images_steps=0,
-                  report_to="none", timestep_sampling="stratified", max_train_steps=6, checkpointing_steps=0, lr_warmup_steps=2)
+                  report_to="none", timestep_sampling="stratified", max_train_steps=6, checkpointing_steps=0, lr_warmup_steps=2,
+                  eval_batch_size=4, num_inference_steps=2)  # the final grid: 4 images, 2 steps
     values.update(overrides)
     return TrainingConfig(**values)
 

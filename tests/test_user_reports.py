@@ -12,6 +12,7 @@ import numpy as np
 import PIL.Image
 import torch
 
+from ddpm_hf.checkpoints import checkpoint_problem
 from ddpm_hf.config import TrainingConfig
 from ddpm_hf.generation import CAPTION_HEIGHT
 from ddpm_hf.sources import load_data
@@ -24,22 +25,14 @@ def _files(folder) -> dict:
     return {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
 
-def test_rerunning_a_finished_run_leaves_its_statistics_and_card_as_they_were(tmp_path):
-    args = [*FAST, "--output_dir", str(tmp_path / "run")]
-    assert run_train(args).returncode == 0
-    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("train_stats.json", "README.md", "unet/diffusion_pytorch_model.safetensors")}
-    again = run_train(args)  # the same command: it holds this run, finished
-    assert again.returncode == 0, again.stderr[-2000:]
-    assert "finished at step 4: nothing to train" in again.stdout
-    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
-
-
-def test_a_resumed_run_reports_whole_run_totals_and_this_process_share_that_add_up(tmp_path):
+def test_a_resumed_run_adds_up_its_clocks_leaves_no_empty_logs_and_a_finished_one_is_left_alone(tmp_path):
     args = [*FAST, "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "2"]
     assert run_train([*args, "--max_train_steps", "2"]).returncode == 0
     resumed = run_train([*args, "--max_train_steps", "4"])  # train longer: the same command, a longer run
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resumed from" in resumed.stdout
+
+    # Whole-run totals and this process's share, each labelled, and adding up.
     stats = json.loads((tmp_path / "run/train_stats.json").read_text())
     mine = stats["this_process"]
     assert stats["images_seen"] == 32 and mine["images"] == 16
@@ -50,6 +43,17 @@ def test_a_resumed_run_reports_whole_run_totals_and_this_process_share_that_add_
     assert mine["wall_time_s"] < stats["wall_time_s"], stats
     done = resumed.stdout.strip().splitlines()[-1]
     assert done.startswith("done: 4 steps, 32 images in ") and "this process: 16 images" in done
+
+    # No validation or evaluation: the resume left no empty logs of them.
+    names = {p.name for p in (tmp_path / "run").iterdir()}
+    assert "metrics.jsonl" in names and not names & {"validation.jsonl", "evaluation.jsonl"}
+
+    # The same command once more: the run has finished, and its record stays as it was.
+    before = {name: (tmp_path / "run" / name).read_bytes() for name in ("train_stats.json", "README.md", "unet/diffusion_pytorch_model.safetensors")}
+    again = run_train([*args, "--max_train_steps", "4"])
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "finished at step 4: nothing to train" in again.stdout
+    assert {name: (tmp_path / "run" / name).read_bytes() for name in before} == before
 
 
 def test_a_folder_run_records_the_folder_and_names_its_classes(tmp_path, rgb_image_folder):
@@ -80,16 +84,8 @@ def test_a_folder_run_records_the_folder_and_names_its_classes(tmp_path, rgb_ima
     assert_one_line_error(wrong, "--class_label 'horse' is not a class of this model", "cats, dogs")
 
 
-def test_grids_default_to_ancestral_sampling_and_a_resume_leaves_no_empty_logs(tmp_path):
+def test_grids_default_to_ancestral_sampling_and_diagnostics_are_readable_and_show_several_classes(tmp_path):
     assert TrainingConfig().sampler == "ddpm" and TrainingConfig().grid_inference_steps == 250
-    args = [*FAST, "--output_dir", str(tmp_path / "run"), "--checkpointing_steps", "2"]
-    assert run_train([*args, "--max_train_steps", "2"]).returncode == 0
-    assert run_train([*args, "--max_train_steps", "4"]).returncode == 0
-    names = {p.name for p in (tmp_path / "run").iterdir()}
-    assert "metrics.jsonl" in names and not names & {"validation.jsonl", "evaluation.jsonl"}
-
-
-def test_diagnostics_are_readable_and_show_several_classes(tmp_path):
     data, _ = load_data(TrainingConfig(), torch.device("cpu"))
     preview_labels = data.labels[torch.linspace(0, len(data.images) - 1, 4).round().long()]
     assert torch.equal(data.preview(4), data.images[torch.linspace(0, len(data.images) - 1, 4).round().long()])
@@ -108,7 +104,11 @@ def test_rerunning_an_interrupted_command_resumes_it_and_another_run_is_refused_
         time.sleep(0.05)
     process.send_signal(signal.SIGINT)  # Ctrl-C
     _, stderr = process.communicate(timeout=120)
-    assert process.returncode == 128 + signal.SIGINT and "run the same command again" in stderr.strip().splitlines()[-1]
+    last = stderr.strip().splitlines()[-1]
+    assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
+    assert last.startswith("stopped by SIGINT after step ") and "run the same command again" in last
+    step = int(last.split("after step ")[1].split(":")[0])
+    assert 0 < step < 30 and checkpoint_problem(str(out / f"checkpoints/checkpoint-{step}")) is None
     before = _files(out)
 
     other = run_train([*args, "--learning_rate", "1e-3", "--prediction_type", "v_prediction"])
