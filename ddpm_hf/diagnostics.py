@@ -16,7 +16,8 @@ import torch
 
 from .data import to_model_input
 from .objective import q_sample
-from .plots import plot_forward_process, plot_schedule, plot_timestep_profile
+from .generation import image_grid
+from .plots import plot_schedule, plot_timestep_profile
 from .seeds import Stream, generator
 
 DIAGNOSTICS = "diagnostics"
@@ -80,7 +81,9 @@ def write_diagnostics_at_start(output_dir: str, betas: torch.Tensor, alphas_cump
     plot_schedule(rows, os.path.join(folder, "schedule.png"))
     pictures, strip_rows = forward_process_strip(images, alphas_cumprod, seed)
     write_csv(os.path.join(folder, "forward_process.csv"), strip_rows)
-    plot_forward_process(pictures, strip_rows, os.path.join(folder, "forward_process.png"))
+    labels = [f"t={r['t']}" for r in strip_rows]
+    image_grid(pictures, len(strip_rows), caption="forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps",
+               column_labels=labels).save(os.path.join(folder, "forward_process.png"))
 
 
 def write_timestep_profile(output_dir: str, profile: list[dict], step: int) -> str:

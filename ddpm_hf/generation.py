@@ -23,7 +23,7 @@ from .errors import UserError, first_line
 from .pipeline import ClassConditionalDDPMPipeline, guided_prediction
 from .seeds import Stream, generator
 
-# Samplers a DDPM-trained network can use without retraining, on the training schedule.
+# Samplers a DDPM-trained network can use without retraining, on the training schedule (named in sample.py too).
 SCHEDULERS = {
     "ddpm": lambda config: DDPMScheduler.from_config(config),
     "ddim": lambda config: DDIMScheduler.from_config(config),
@@ -140,10 +140,11 @@ GRID_MIN_SIDE = 64  # pixels: smaller images are enlarged (nearest neighbour) in
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, row_labels: list[str] | None = None,
-               caption: str | None = None) -> PIL.Image.Image:
+               caption: str | None = None, column_labels: list[str] | None = None) -> PIL.Image.Image:
     """Tile (N, H, W, C) images in [0, 1] into one PNG-ready picture, with a 2-pixel gutter; with
-    ``row_labels``, each row's label on its left; with ``caption``, a line of text above. Images
-    smaller than GRID_MIN_SIDE are enlarged by a whole factor (a 28-pixel digit becomes 84 pixels)."""
+    ``row_labels``, each row's label on its left; with ``column_labels``, each column's above it;
+    with ``caption``, a line of text on top. Images smaller than GRID_MIN_SIDE are enlarged by a
+    whole factor (a 28-pixel digit becomes 84 pixels)."""
     scale = -(-GRID_MIN_SIDE // min(images.shape[1:3]))
     images = images.repeat(scale, axis=1).repeat(scale, axis=2) if scale > 1 else images
     count, height, width, channels = images.shape
@@ -157,26 +158,31 @@ def image_grid(images: np.ndarray, columns: int | None = None, row_labels: list[
         canvas[top : top + height, left : left + width] = image
     pixels = (canvas.clip(0, 1) * 255).round().astype(np.uint8)
     grid = PIL.Image.fromarray(pixels[..., 0] if channels == 1 else pixels)
-    return _labelled(grid, height + gutter, row_labels, caption) if row_labels or caption else grid
+    if not (row_labels or caption or column_labels):
+        return grid
+    return _labelled(grid, (height + gutter, width + gutter), row_labels, caption, column_labels)
 
 
-CAPTION_HEIGHT = 16  # pixels above a captioned grid
+CAPTION_HEIGHT = 16  # pixels above a captioned grid, and above labelled columns
 
 
-def _labelled(grid: PIL.Image.Image, row_pitch: int, row_labels: list[str] | None, caption: str | None) -> PIL.Image.Image:
-    """The grid on a white page with black text: row labels in a left margin, the caption on top."""
+def _labelled(grid: PIL.Image.Image, pitch: tuple[int, int], row_labels: list[str] | None, caption: str | None,
+              column_labels: list[str] | None) -> PIL.Image.Image:
+    """The grid on a white page with black text: row labels in a left margin, column labels and the caption above."""
     font = PIL.ImageFont.load_default(size=11)
     measure = PIL.ImageDraw.Draw(grid)
-    margin = max((measure.textlength(label, font=font) for label in row_labels), default=0) + 6 if row_labels else 0
-    top = CAPTION_HEIGHT if caption else 0
-    width = max(grid.width + int(margin), int(measure.textlength(caption, font=font)) + 4 if caption else 0)
+    margin = int(max(measure.textlength(label, font=font) for label in row_labels)) + 6 if row_labels else 0
+    top = CAPTION_HEIGHT * (bool(caption) + bool(column_labels))
+    width = max(grid.width + margin, int(measure.textlength(caption, font=font)) + 4 if caption else 0)
     page = PIL.Image.new(grid.mode, (width, grid.height + top), "white")
-    page.paste(grid, (int(margin), top))
+    page.paste(grid, (margin, top))
     draw = PIL.ImageDraw.Draw(page)
     if caption:
         draw.text((2, 2), caption, fill="black", font=font)
+    for column, label in enumerate(column_labels or []):
+        draw.text((margin + 2 + column * pitch[1], top - CAPTION_HEIGHT + 2), label, fill="black", font=font)
     for row, label in enumerate(row_labels or []):
-        draw.text((2, top + 2 + row * row_pitch + row_pitch // 2 - 7), label, fill="black", font=font)
+        draw.text((2, top + 2 + row * pitch[0] + pitch[0] // 2 - 7), label, fill="black", font=font)
     return page
 
 

@@ -48,24 +48,6 @@ def plot_schedule(rows: list[dict], path: str) -> None:
     _save(figure, path)
 
 
-def plot_forward_process(pictures, rows: list[dict], path: str) -> None:
-    """x_t ~ q(x_t | x_0): one training image per row, one t per column, each column titled with
-    its t and the signal and noise scales sqrt(abar_t), sqrt(1 - abar_t)."""
-    columns = len(rows)
-    count = len(pictures) // columns
-    figure, axes = plt.subplots(count, columns, figsize=(1.7 * columns, 1.7 * count + 0.5), dpi=110, squeeze=False)
-    for index, axis in enumerate(axes.flat):
-        picture = pictures[index]
-        axis.imshow(picture[..., 0] if picture.shape[-1] == 1 else picture, cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-        axis.set_xticks([])
-        axis.set_yticks([])
-        if index < columns:
-            r = rows[index]
-            axis.set_title(f"t = {r['t']}\nsignal {r['sqrt_alpha_bar']:.2f}, noise {r['sqrt_one_minus_alpha_bar']:.2f}", fontsize=8)
-    figure.suptitle("the forward process: x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps", fontsize=9)
-    _save(figure, path)
-
-
 def plot_timestep_profile(profile: list[dict], path: str, step: int) -> None:
     """The validation loss in equal bins of t, as bars over each bin's range."""
     figure, axis = plt.subplots(figsize=(7, 4), dpi=120)

@@ -9,20 +9,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
-
-import torch
 
 from .cli import OneLineArgumentParser, run_command
 from .errors import UserError
-from .generation import (SCHEDULERS, build_pipeline, class_labels_for, default_device, default_steps, draw_images,
-                         load_unet_and_schedule, save_images)
+
+SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++")  # generation.SCHEDULERS, named here so that flags are checked before torch loads
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m ddpm_hf.sample", description="Draw images from a trained DDPM pipeline.")
     parser.add_argument("model", help="a folder written by train_ddpm.py (or its best/), or a Hub model id")
-    parser.add_argument("--scheduler", default="ddpm", choices=sorted(SCHEDULERS), help="sampler on the training schedule (default ddpm)")
+    parser.add_argument("--scheduler", default="ddpm", choices=SCHEDULER_NAMES, help="sampler on the training schedule (default ddpm)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="default: T for ddpm, 50 for ddim, 20 for dpm++")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 like DDPM")
     parser.add_argument("--num_images", type=int, default=16)
@@ -43,11 +42,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("--guidance_scale and --eta must be >= 0")
     if not args.grid and not args.out_dir:
         raise UserError("say where the images go: --grid PATH and/or --out_dir DIR")
+    if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
+        raise UserError(f"{args.model} is not a folder; pass a folder written by train_ddpm.py or a Hub model id")
     return args
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    # Imported once the flags are valid: a mistake is reported in about a second, not after torch and diffusers load.
+    import torch
+
+    from .generation import build_pipeline, class_labels_for, default_device, default_steps, draw_images, load_unet_and_schedule, save_images
+
     unet, scheduler_config, class_names = load_unet_and_schedule(args.model)
     device = torch.device(args.device) if args.device else default_device()
     pipeline = build_pipeline(unet, scheduler_config, args.scheduler, device, class_names)

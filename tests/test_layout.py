@@ -17,6 +17,13 @@ def test_the_commands_only_parse_and_call():
     assert _functions("evaluate") == {"parse_args", "training_config_of", "main"}
 
 
+def test_the_sampling_command_names_every_sampler_of_the_library():
+    from ddpm_hf.generation import SCHEDULERS
+    from ddpm_hf.sample import SCHEDULER_NAMES
+
+    assert sorted(SCHEDULERS) == sorted(SCHEDULER_NAMES)
+
+
 def test_training_imports_no_command_line_module():
     code = "import sys, ddpm_hf.training; print(sorted(m for m in sys.modules if m in ('ddpm_hf.sample', 'ddpm_hf.evaluate', 'ddpm_hf.cli')))"
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=120)
