@@ -101,7 +101,7 @@ def test_grids_default_to_ancestral_sampling_and_diagnostics_are_readable_and_sh
 
 def test_rerunning_an_interrupted_command_resumes_it_and_another_run_is_refused_with_its_differences(tmp_path):
     out = tmp_path / "run"
-    args = [*FAST, "--max_train_steps", "30", "--checkpointing_steps", "10", "--output_dir", str(out)]
+    args = [*FAST, "--max_train_steps", "16", "--checkpointing_steps", "4", "--output_dir", str(out)]
     process = subprocess.Popen([sys.executable, "train_ddpm.py", *args], cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").is_file() and time.monotonic() < deadline and process.poll() is None:
@@ -112,7 +112,7 @@ def test_rerunning_an_interrupted_command_resumes_it_and_another_run_is_refused_
     assert process.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-2000:]
     assert last.startswith("stopped by SIGINT after step ") and "run the same command again" in last
     step = int(last.split("after step ")[1].split(":")[0])
-    assert 0 < step < 30 and checkpoint_problem(str(out / f"checkpoints/checkpoint-{step}")) is None
+    assert 0 < step < 16 and checkpoint_problem(str(out / f"checkpoints/checkpoint-{step}")) is None
     before = _files(out)
 
     other = run_train([*args, "--learning_rate", "1e-3", "--prediction_type", "v_prediction"])
@@ -123,7 +123,7 @@ def test_rerunning_an_interrupted_command_resumes_it_and_another_run_is_refused_
     again = run_train(args)  # exactly as it was typed
     assert again.returncode == 0, again.stderr[-2000:]
     assert f"resumed from {out}/checkpoints/checkpoint-" in again.stdout
-    assert json.loads((out / "train_stats.json").read_text())["steps"] == 30
+    assert json.loads((out / "train_stats.json").read_text())["steps"] == 16
 
 
 def test_the_diffusers_example_command_line_runs_unchanged_but_for_the_dataset(tmp_path, recording_hub):
