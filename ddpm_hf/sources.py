@@ -58,11 +58,12 @@ class EpochOrder:
 class InMemoryImages:
     """The whole training set as a uint8 tensor on the training device, drawn from by index."""
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, num_classes: int | None, seed: int, micro_batch: int, rank: int, world_size: int):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor | None, num_classes: int | None, seed: int, micro_batch: int, rank: int, world_size: int,
+                 class_names: list[str] | None = None):
         self.images = images
         self.labels = labels
         self.num_classes = num_classes
-        self.class_names: list[str] | None = None  # set by load_data from a ClassLabel column
+        self.class_names = class_names  # a ClassLabel column's names, else None
         self.micro_batch = micro_batch
         self.rank = rank
         self.world_size = world_size
@@ -254,8 +255,8 @@ def load_data(config: TrainingConfig, device: torch.device, rank: int = 0, world
             micro_batch=config.train_batch_size,
             rank=rank,
             world_size=world_size,
+            class_names=class_names_of(dataset.features, label_column),
         )
-        train.class_names = class_names_of(dataset.features, label_column)
 
     if validation_source is None:
         return train, None

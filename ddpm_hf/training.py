@@ -79,10 +79,10 @@ def finish(run: Run) -> dict:
     stats_path = os.path.join(config.output_dir, "train_stats.json")
     stats = {}
     if accelerator.is_main_process:
-        finished_before = run.images_this_run == 0 and _saved_steps(stats_path) == run.progress.step
+        saved = _saved_statistics(stats_path)
+        finished_before = run.images_this_run == 0 and saved is not None and saved.get("steps") == run.progress.step
         if finished_before:
-            with open(stats_path) as f:
-                stats = json.load(f)
+            stats = saved
             accelerator.print(f"{config.output_dir} holds this run, finished at step {run.progress.step}: nothing to train; "
                               "its pipeline, statistics and model card are left as they are")
         else:
@@ -101,11 +101,11 @@ def finish(run: Run) -> dict:
     return stats
 
 
-def _saved_steps(stats_path: str) -> int | None:
-    """The step count in a run's train_stats.json, or None when there is none (or it is unreadable)."""
+def _saved_statistics(stats_path: str) -> dict | None:
+    """A run's train_stats.json, or None when there is none (or it is unreadable)."""
     try:
         with open(stats_path) as f:
-            return json.load(f).get("steps")
+            return json.load(f)
     except (OSError, ValueError):
         return None
 
