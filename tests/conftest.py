@@ -13,6 +13,8 @@ import numpy as np
 import PIL.Image
 import pytest
 
+from .forked_cli import run_command
+
 REPO = Path(__file__).resolve().parents[1]
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -33,9 +35,14 @@ def cli_env(**overrides: str) -> dict:
 
 
 def run_train(args: list[str], timeout: float = 300, **env: str) -> subprocess.CompletedProcess:
-    """Run `python train_ddpm.py ARGS` from the repository root, as a user would."""
-    return subprocess.run([sys.executable, "train_ddpm.py", *args], cwd=REPO, env=cli_env(**env),
-                          capture_output=True, text=True, timeout=timeout)
+    """Run `python train_ddpm.py ARGS` from the repository root, as a user would (forked_cli says how)."""
+    return run_command(["train_ddpm.py", *args], cli_env(**env), REPO, timeout)
+
+
+def run_module(module: str, *args: str, timeout: float = 600, cwd: Path = REPO, **env: str) -> subprocess.CompletedProcess:
+    """Run `python -m MODULE ARGS` (or `python SCRIPT ARGS` for a path ending in .py) as a user would."""
+    command = [module, *args] if module.endswith(".py") else ["-m", module, *args]
+    return run_command(command, cli_env(**env), cwd, timeout)
 
 
 def _folder_in_environment(tmp_path_factory, variable: str, name: str):

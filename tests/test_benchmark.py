@@ -2,12 +2,10 @@
 
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import REPO, cli_env
+from .conftest import run_module
 
 
 def _finite_positive(value) -> bool:
@@ -16,8 +14,7 @@ def _finite_positive(value) -> bool:
 
 def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
     out = tmp_path / "throughput.json"
-    result = subprocess.run([sys.executable, "benchmarks/throughput.py", "--short", "--json", str(out)], cwd=REPO, env=cli_env(),
-                            capture_output=True, text=True, timeout=600)
+    result = run_module("benchmarks/throughput.py", "--short", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "limit img/s" in result.stdout and "sampling tiny" in result.stdout
     report = json.loads(out.read_text())
@@ -40,8 +37,7 @@ def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
 
 def test_time_to_quality_short_mode_runs_the_recipe_and_reports_its_evaluations(tmp_path):
     out = tmp_path / "ttq.json"
-    result = subprocess.run([sys.executable, "benchmarks/time_to_quality.py", "--short", "--json", str(out), "--max_train_samples=600"],
-                            cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    result = run_module("benchmarks/time_to_quality.py", "--short", "--json", str(out), "--max_train_samples=600")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "configs/fast-digits-cpu.yaml" in result.stdout and "not reached in 4 steps" in result.stdout  # 4 steps draw no digits
     report = json.loads(out.read_text())

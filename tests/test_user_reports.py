@@ -18,7 +18,7 @@ from ddpm_hf.generation import CAPTION_HEIGHT
 from ddpm_hf.pipeline import ClassConditionalDDPMPipeline
 from ddpm_hf.sources import load_data
 
-from .conftest import FAST, REPO, cli_env, run_train
+from .conftest import FAST, REPO, cli_env, run_module, run_train
 from .test_cli_errors import assert_one_line_error
 
 
@@ -73,16 +73,15 @@ def test_a_folder_run_records_the_folder_and_names_its_classes(tmp_path, rgb_ima
     assert grid.shape[0] == CAPTION_HEIGHT + 2 + 2 * (64 + 2)  # 2 rows of 32-pixel images enlarged to 64
     assert (grid[:CAPTION_HEIGHT] < 128).any() and (grid[CAPTION_HEIGHT:, :20] < 128).any()
 
-    sampled = subprocess.run([sys.executable, "-m", "ddpm_hf.sample", str(out), "--class_label", "dogs", "--num_images", "2",
-                              "--num_inference_steps", "2", "--out_dir", str(tmp_path / "dogs")], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    sampled = run_module("ddpm_hf.sample", str(out), "--class_label", "dogs", "--num_images", "2", "--num_inference_steps", "2",
+                         "--out_dir", str(tmp_path / "dogs"))
     assert sampled.returncode == 0, sampled.stderr[-2000:]
     pipeline = ClassConditionalDDPMPipeline.from_pretrained(str(out))
     assert pipeline.class_names == ["cats", "dogs"]
     assert pipeline.class_index("dogs") == pipeline.class_index("Dogs") == pipeline.class_index("1") == pipeline.class_index(1) == 1
     drawn = pipeline(["dogs", "cats"], num_inference_steps=2, generator=[torch.Generator().manual_seed(0)] * 2, output_type="np").images
     assert drawn.shape == (2, 32, 32, 3)
-    wrong = subprocess.run([sys.executable, "-m", "ddpm_hf.sample", str(out), "--class_label", "horse", "--grid", str(tmp_path / "g.png")],
-                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    wrong = run_module("ddpm_hf.sample", str(out), "--class_label", "horse", "--grid", str(tmp_path / "g.png"))
     assert_one_line_error(wrong, "--class_label 'horse' is not a class of this model", "cats, dogs")
 
 
