@@ -39,6 +39,7 @@ ARCHITECTURE_FIELDS = (
     "ddpm_beta_schedule",
     "prediction_type",
     "use_ema",
+    "extra_ema_decays",
 )
 
 
@@ -152,10 +153,12 @@ def read_run_info(path: str) -> dict:
 
 def check_compatible(saved: dict, training_config: dict, unet_config: dict) -> None:
     """Refuse to resume into a different network or diffusion process than the checkpoint's."""
+    # A field that an older version did not save had its default then: no EMA lengths beyond the main one.
+    saved_config = {"extra_ema_decays": [], **saved["training_config"]}
     differences = [
-        f"{name}: checkpoint {saved['training_config'].get(name)!r}, now {training_config.get(name)!r}"
+        f"{name}: checkpoint {saved_config.get(name)!r}, now {training_config.get(name)!r}"
         for name in ARCHITECTURE_FIELDS
-        if saved["training_config"].get(name) != training_config.get(name)
+        if saved_config.get(name) != training_config.get(name)
     ]
     saved_unet = json.loads(json.dumps(saved["unet_config"]))
     current_unet = json.loads(json.dumps(unet_config))  # tuples -> lists, as stored

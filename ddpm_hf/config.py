@@ -75,8 +75,10 @@ class TrainingConfig:
     ddpm_num_steps: int = _arg(1000, "Number of diffusion steps T.")
     ddpm_beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid"] = _arg("linear", "Beta schedule of DDPMScheduler.")
     prediction_type: Literal["epsilon", "sample", "v_prediction"] = _arg("epsilon", "Regression target: eps, x0 or v.")
-    loss_weighting: Literal["simple", "snr", "min_snr"] = _arg("simple", "Per-timestep loss weight (see README).")
+    loss_weighting: Literal["simple", "snr", "min_snr", "vlb", "p2"] = _arg("simple", "Per-timestep loss weight (see README).")
     snr_gamma: float = _arg(5.0, "gamma of min-SNR weighting.")
+    p2_k: float = _arg(1.0, "k of P2 weighting (Choi et al. 2022): weight (k + SNR)^-gamma on the eps error.")
+    p2_gamma: float = _arg(1.0, "gamma of P2 weighting.")
     timestep_sampling: Literal["uniform", "stratified", "loss_aware"] = _arg(
         "uniform",
         "uniform: t ~ U{0..T-1} per example. stratified: one t per equal slice of [0, T). loss_aware: t drawn in proportion "
@@ -111,6 +113,9 @@ class TrainingConfig:
     # ----- EMA -----
     use_ema: bool = _arg(True, "Keep an exponential moving average of the weights; samples and the saved pipeline use it.")
     ema_max_decay: float = _arg(0.9999, "Upper bound of the EMA decay.")
+    extra_ema_decays: Optional[list[float]] = _arg(
+        None, "More EMA lengths to track beside --ema_max_decay, e.g. 0.999 0.99: each is saved as a pipeline in weights/ema-<decay>/ "
+        "and the raw weights in weights/raw/, to choose from after training (sample/evaluate --weights).")
     ema_inv_gamma: float = _arg(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
     ema_power: float = _arg(0.75, "EMA warm-up power (3/4 suits runs under ~100k steps).")
 
@@ -178,12 +183,19 @@ class TrainingConfig:
         for name in ["adam_beta1", "adam_beta2", "ema_max_decay"]:
             if not 0 <= getattr(self, name) < 1:
                 raise UserError(f"--{name} must be in [0, 1), got {getattr(self, name)}")
-        for name in ["adam_weight_decay", "max_grad_norm", "early_stopping_min_delta", "guidance_scale"]:
+        for name in ["adam_weight_decay", "max_grad_norm", "early_stopping_min_delta", "guidance_scale", "p2_gamma"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
-        for name in ["snr_gamma", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
+        for name in ["snr_gamma", "p2_k", "adam_epsilon", "ema_inv_gamma", "ema_power"]:
             if not getattr(self, name) > 0:
                 raise UserError(f"--{name} must be > 0, got {getattr(self, name)}")
+        self.extra_ema_decays = [float(d) for d in self.extra_ema_decays or []]
+        if self.extra_ema_decays and not self.use_ema:
+            raise UserError("--extra_ema_decays needs --use_ema (the extra averages are kept beside the main one)")
+        for decay in self.extra_ema_decays:
+            if not 0 < decay < 1 or decay == self.ema_max_decay or self.extra_ema_decays.count(decay) > 1:
+                raise UserError(f"--extra_ema_decays: each decay must be in (0, 1), listed once and differ from --ema_max_decay "
+                                f"{self.ema_max_decay}; got {self.extra_ema_decays}")
         if self.resolution is not None and self.resolution < 8:
             raise UserError(f"--resolution must be at least 8 pixels, got {self.resolution}")
         if not 0 <= self.cond_drop_prob < 1:

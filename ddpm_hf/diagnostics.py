@@ -7,7 +7,6 @@ put them on disk under ``output_dir/diagnostics/``.
 
 from __future__ import annotations
 
-import csv
 import math
 import os
 
@@ -18,6 +17,7 @@ from .data import to_model_input
 from .objective import q_sample
 from .generation import image_grid
 from .plots import plot_schedule, plot_timestep_profile
+from .reports import write_csv
 from .seeds import Stream, generator
 
 DIAGNOSTICS = "diagnostics"
@@ -58,13 +58,6 @@ def forward_process_strip(images: torch.Tensor, alphas_cumprod: torch.Tensor, se
         for t, column in zip(timesteps, columns)
     ]
     return pictures, rows
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
 
 
 def diagnostics_dir(output_dir: str) -> str:

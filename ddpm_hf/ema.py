@@ -71,3 +71,34 @@ class LiveWeights:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+class AverageSet:
+    """Several more EMA lengths tracked beside the main one (improved-diffusion's
+    ``--ema_rate 0.9999,0.999``), so one run can be sampled with a short or a long average, or
+    the raw weights, after training. Each is an `ExponentialMovingAverage` with the same warm-up
+    and its own cap on the decay; each costs one more copy of the weights."""
+
+    def __init__(self, parameters, max_decays: list[float], inv_gamma: float = 1.0, power: float = 0.75):
+        parameters = list(parameters)
+        self.averages = {decay: ExponentialMovingAverage(parameters, decay, inv_gamma, power) for decay in max_decays}
+
+    def __bool__(self) -> bool:
+        return bool(self.averages)
+
+    def items(self):
+        return self.averages.items()
+
+    def update(self, parameters, applied: torch.Tensor) -> None:
+        parameters = list(parameters)
+        for average in self.averages.values():
+            average.update(parameters, applied)
+
+    def state_dict(self) -> dict:
+        return {str(decay): average.state_dict() for decay, average in self.averages.items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {str(decay) for decay in self.averages}:
+            raise ValueError(f"the checkpoint holds EMA lengths {sorted(state)}, this run tracks {sorted(map(str, self.averages))}")
+        for decay, average in self.averages.items():
+            average.load_state_dict(state[str(decay)])

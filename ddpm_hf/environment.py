@@ -18,13 +18,14 @@ from .files import remove
 from .metrics import EVALUATION_FILE, VALIDATION_FILE
 from .objective import DiffusionObjective
 from .seeds import Stream, generator
+from .weights import WEIGHTS_DIR, WEIGHTS_INDEX
 
 HUB_STAGING = ".hub-staging"  # hard-linked copies of checkpoints while they upload
 BEST = "best"
 # Files and folders a run writes into output_dir (removed by --overwrite_output_dir).
 RUN_OUTPUTS = (
     "training_config.json", "train_stats.json", "metrics.jsonl", VALIDATION_FILE, EVALUATION_FILE, "loss_curve.png", "model_index.json",
-    "unet", "scheduler", "samples", "logs", "diagnostics", BEST, "README.md", HUB_STAGING, checkpoints.CHECKPOINTS,
+    "unet", "scheduler", "samples", "logs", "diagnostics", BEST, "README.md", HUB_STAGING, checkpoints.CHECKPOINTS, WEIGHTS_DIR, WEIGHTS_INDEX,
 )
 
 

@@ -9,6 +9,11 @@
 - ``--compare-samplers``: DDPM and DDIM at several step counts: seconds per image and FID, as
   CSV, Markdown and PNG.
 - ``--interpolation_grid PATH``: spherical interpolation between two noises, decoded by DDIM (eta 0).
+- ``--bpd``: bits/dim, the variational bound of Ho et al. 2020 on held-out images (likelihood.py),
+  exact or estimated from K stratified timesteps per image, with its terms per t as CSV and PNG.
+
+FID runs when it is asked for (``--fid``) or when no other measurement is (``--bpd`` alone
+measures only bits/dim: sampling a thousand images is the expensive part).
 """
 
 from __future__ import annotations
@@ -24,8 +29,12 @@ from .cli import OneLineArgumentParser, run_command
 from .config import OFFLINE_MNIST, TrainingConfig, config_from_dict
 from .errors import UserError
 from .features import DigitFeatures
-from .generation import build_pipeline, class_labels_for, default_device, default_steps, draw_images, interpolation_grid, load_unet_and_schedule
+from .files import read_json, write_json
+from .generation import default_device, default_steps, interpolation_grid, load_unet_and_schedule
+from .measure import bits_per_dim_report, sample_and_score
 from .scoring import COMPARE_STEPS, DEFAULT_CACHE, Evaluator, compare_samplers, noise_images, reference_name
+from .sources import held_out_images
+from .weights import resolve_weights
 
 
 # ----------------------------------------------------------------------------------------------
@@ -34,6 +43,8 @@ from .scoring import COMPARE_STEPS, DEFAULT_CACHE, Evaluator, compare_samplers, 
 def parse_args(argv=None):
     parser = OneLineArgumentParser(prog="python -m ddpm_hf.evaluate", description="FID and classifier scores for a trained DDPM pipeline.")
     parser.add_argument("model", help="a folder written by train_ddpm.py (or its best/), or a Hub model id")
+    parser.add_argument("--weights", default=None, help="which of the run's weights: raw, or ema-<decay> for a length kept with "
+                        "--extra_ema_decays (listed in MODEL/weights.json); default: the main EMA")
     parser.add_argument("--extractor", choices=["digits", "inception"], default="digits")
     parser.add_argument("--inception_weights", default=None, help="local path of torch-fidelity's Inception weights (cannot be downloaded here)")
     parser.add_argument("--num_samples", type=int, default=1000)
@@ -53,20 +64,31 @@ def parse_args(argv=None):
                         help="DDPM and DDIM at --sampler_steps: seconds per image and FID")
     parser.add_argument("--sampler_steps", type=int, nargs="+", default=list(COMPARE_STEPS))
     parser.add_argument("--interpolation_grid", default=None, help="write a slerp interpolation grid (DDIM, eta 0) to this PNG")
+    parser.add_argument("--fid", action="store_true", help="FID and classifier scores (the default when no other measurement is asked for)")
+    parser.add_argument("--bpd", action="store_true", help="bits/dim on held-out images: the variational bound of Ho et al. 2020")
+    parser.add_argument("--bpd_timesteps", default="50", help="terms per image: 'all' for the exact bound (T network calls per image) or K "
+                        "for an unbiased estimate from K stratified timesteps (default 50)")
+    parser.add_argument("--bpd_images", type=int, default=256, help="how many held-out images (default 256)")
+    parser.add_argument("--bpd_split", default=None, help="held-out images: a split name (test) or a fraction of the training split (0.1, as "
+                        "--validation_split holds it out); default: the model's validation split, else test, else training images (with a note)")
     parser.add_argument("--report_dir", default=None, help="where reports go; default: MODEL/evaluation for a local model")
     parser.add_argument("--device", default=None)
     args = parser.parse_args(argv)
-    for name in ("num_samples", "batch_size", "max_reference_samples"):
+    for name in ("num_samples", "batch_size", "max_reference_samples", "bpd_images"):
         if getattr(args, name) < 2:
             raise UserError(f"--{name} must be at least 2, got {getattr(args, name)}")
+    if args.bpd_timesteps != "all" and not (args.bpd_timesteps.isdigit() and int(args.bpd_timesteps) >= 1):
+        raise UserError(f"--bpd_timesteps must be 'all' or a whole number of timesteps per image such as 50, got {args.bpd_timesteps!r}")
+    args.fid = args.fid or not args.bpd
+    args.model = resolve_weights(args.model, args.weights)
     return args
 
 
 def training_config_of(model: str, args) -> TrainingConfig:
     """The model's own training config (for its data), with the reference flags applied."""
-    path = os.path.join(model, "training_config.json")
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(model, os.pardir, "training_config.json")):
-        path = os.path.join(model, os.pardir, "training_config.json")  # best/ inside a run folder
+    # The run's own config: in the folder, or above it for best/ and weights/<choice>/.
+    candidates = [os.path.join(model, *[os.pardir] * up, "training_config.json") for up in range(3)]
+    path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     values = {}
     if os.path.isfile(path):
         with open(path) as f:
@@ -88,28 +110,34 @@ def main(argv=None) -> None:
     channels, resolution = unet.config.in_channels, unet.config.sample_size
     config = training_config_of(args.model, args)
     report_dir = args.report_dir or (os.path.join(args.model, "evaluation") if os.path.isdir(args.model) else "evaluation")
-    evaluator = Evaluator.build(config, channels, resolution, args.extractor, args.cache_dir, args.inception_weights, args.max_reference_samples, args.seed, device)
-
-    results = {"model": args.model, "reference": reference_name(config), "extractor": evaluator.extractor.name}
-    if isinstance(evaluator.extractor, DigitFeatures):
-        results["classifier_holdout_accuracy"] = evaluator.extractor.accuracy
-    pipeline = build_pipeline(unet, scheduler_config, args.scheduler, device, class_names)
-    steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
-    labels = class_labels_for(pipeline, args.num_samples, None)
-    started = time.perf_counter()
-    images = draw_images(pipeline, args.num_samples, args.batch_size, steps, args.seed, args.eta, labels, args.guidance_scale)
-    results["model_scores"] = {**evaluator.score(images), "sampler": args.scheduler, "steps": steps,
-                               "seconds_per_image": (time.perf_counter() - started) / args.num_samples}
-    if args.noise_baseline:
-        results["noise_scores"] = evaluator.score(noise_images(args.num_samples, channels, resolution, args.seed))
-    if args.compare_samplers:
-        results["samplers"] = compare_samplers(unet, scheduler_config, evaluator, args.num_samples, args.batch_size, args.seed, report_dir,
-                                               steps_list=args.sampler_steps, guidance_scale=args.guidance_scale, device=device)
+    results = {"model": args.model}
+    if args.fid or args.noise_baseline or args.compare_samplers:
+        evaluator = Evaluator.build(config, channels, resolution, args.extractor, args.cache_dir, args.inception_weights, args.max_reference_samples, args.seed, device)
+        results.update(reference=reference_name(config), extractor=evaluator.extractor.name)
+        if isinstance(evaluator.extractor, DigitFeatures):
+            results["classifier_holdout_accuracy"] = evaluator.extractor.accuracy
+        if args.fid:
+            steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
+            results["model_scores"] = sample_and_score(unet, scheduler_config, class_names, evaluator, args.scheduler, steps, args.num_samples,
+                                                       args.batch_size, args.seed, args.eta, args.guidance_scale, device)
+        if args.noise_baseline:
+            results["noise_scores"] = evaluator.score(noise_images(args.num_samples, channels, resolution, args.seed))
+        if args.compare_samplers:
+            results["samplers"] = compare_samplers(unet, scheduler_config, evaluator, args.num_samples, args.batch_size, args.seed, report_dir,
+                                                   steps_list=args.sampler_steps, guidance_scale=args.guidance_scale, device=device)
+    if args.bpd:
+        per_image = None if args.bpd_timesteps == "all" else int(args.bpd_timesteps)
+        held_out, description = held_out_images(config, args.bpd_split, args.bpd_images, args.seed, device)
+        results["bits_per_dim"] = bits_per_dim_report(unet, scheduler_config, held_out, description, per_image, args.batch_size, args.seed, report_dir)
     if args.interpolation_grid:
         interpolation_grid(unet, scheduler_config, args.interpolation_grid, seed=args.seed, guidance_scale=args.guidance_scale, device=device)
-    os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "evaluation.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    # One file per model: a later measurement (bits/dim after FID) adds its keys to the earlier ones.
+    path = os.path.join(report_dir, "evaluation.json")
+    try:
+        earlier = read_json(path)
+    except (OSError, ValueError):  # none yet, or unreadable: this run's results stand alone
+        earlier = {}
+    write_json(path, {**earlier, **results})
     print(json.dumps(results, indent=2))
 
 

@@ -78,3 +78,8 @@ def write_json(path: str, values: dict) -> None:
     with atomic_path(path) as partial, open(partial, "w") as f:
         json.dump(values, f, indent=2, default=str)
         f.write("\n")
+
+
+def read_json(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 
 PredictionType = Literal["epsilon", "sample", "v_prediction"]
-LossWeighting = Literal["simple", "snr", "min_snr"]
+LossWeighting = Literal["simple", "snr", "min_snr", "vlb", "p2"]
 TimestepSampling = Literal["uniform", "stratified"]  # the draws; resample.py wraps them (and loss_aware) as samplers
 
 
@@ -85,12 +85,31 @@ def snr(timesteps: torch.Tensor, alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return abar / (1 - abar)
 
 
+def vlb_x0_weights(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """The weight of ||x0 - x0_hat||^2 (per dimension, in nats) in each term of the variational bound,
+    for t = 0..T-1, with the reverse variance beta-tilde_t of DDPMScheduler's ``fixed_small``:
+
+    - t >= 1: L_{t-1} = ||mu-tilde(x0) - mu-tilde(x0_hat)||^2 / (2 beta-tilde_t), which is
+      (SNR(t-1) - SNR(t)) / 2 times the x0 error (Kingma et al. 2021, eq. 13, discrete time).
+    - t = 0: the decoder's Gaussian around x0_hat with variance beta-tilde_1 (clipped, as in
+      likelihood.py): 1 / (2 beta-tilde_1), the quadratic part of its negative log-likelihood.
+    """
+    abar = alphas_cumprod.double()
+    ratio = abar / (1 - abar)
+    beta_1 = 1 - abar[1] / abar[0]
+    beta_tilde_1 = (1 - abar[0]) / (1 - abar[1]) * beta_1
+    first = (0.5 / beta_tilde_1).reshape(1)
+    return torch.cat([first, 0.5 * (ratio[:-1] - ratio[1:])]).to(alphas_cumprod.dtype)
+
+
 def loss_weights(
     timesteps: torch.Tensor,
     alphas_cumprod: torch.Tensor,
     prediction_type: PredictionType,
     weighting: LossWeighting,
     snr_gamma: float = 5.0,
+    p2_k: float = 1.0,
+    p2_gamma: float = 1.0,
 ) -> torch.Tensor:
     """Per-example weight on the MSE to the target, shape (B,).
 
@@ -103,16 +122,34 @@ def loss_weights(
       applied to any target: 1 for eps, SNR/(SNR + 1) for v, SNR for x0.
     - ``min_snr``: w(t) = min(SNR(t), gamma) (Hang et al. 2023): min(SNR, gamma)/SNR for eps,
       min(SNR, gamma)/(SNR + 1) for v, min(SNR, gamma) for x0.
+    - ``vlb``: w(t) = the bound's own weight (`vlb_x0_weights`): the loss is then the term L_t of
+      the variational bound in nats per dimension, so T times its mean over t is the bound
+      (Ho et al. eq. 5; improved-diffusion's L_vlb). Its weights span orders of magnitude:
+      pair it with --timestep_sampling loss_aware, as Nichol and Dhariwal 2021 do.
+    - ``p2``: w(t) = SNR / (k + SNR)^gamma (Choi et al. 2022): L_simple's eps weight times
+      (k + SNR)^-gamma, which turns down the high-SNR steps that only polish invisible detail.
     """
     if weighting == "simple":
         return torch.ones(timesteps.shape, dtype=alphas_cumprod.dtype, device=timesteps.device)
-    if weighting not in ("snr", "min_snr"):
-        raise ValueError(f"unknown loss weighting {weighting!r}")
     ratio = snr(timesteps, alphas_cumprod)
-    x0_space_weight = ratio if weighting == "snr" else ratio.clamp(max=snr_gamma)
+    if weighting == "snr":
+        x0_space_weight = ratio
+    elif weighting == "min_snr":
+        x0_space_weight = ratio.clamp(max=snr_gamma)
+    elif weighting == "vlb":
+        x0_space_weight = vlb_x0_weights(alphas_cumprod)[timesteps]
+    elif weighting == "p2":
+        x0_space_weight = ratio * (p2_k + ratio).pow(-p2_gamma)
+    else:
+        raise ValueError(f"unknown loss weighting {weighting!r}")
     if prediction_type == "epsilon":
-        # min(SNR, gamma) / SNR written as min(1, gamma / SNR): no 0/0 where abar_t underflows.
-        return torch.ones_like(ratio) if weighting == "snr" else (snr_gamma / ratio).clamp(max=1.0)
+        if weighting == "snr":
+            return torch.ones_like(ratio)
+        if weighting == "min_snr":  # min(SNR, gamma) / SNR written as min(1, gamma / SNR): no 0/0 where abar_t underflows
+            return (snr_gamma / ratio).clamp(max=1.0)
+        if weighting == "p2":
+            return (p2_k + ratio).pow(-p2_gamma)
+        return x0_space_weight / ratio
     if prediction_type == "v_prediction":
         return x0_space_weight / (ratio + 1)
     if prediction_type == "sample":
@@ -162,16 +199,20 @@ class DiffusionObjective:
     :param prediction_type: the regression target.
     :param weighting: the per-timestep weight (see `loss_weights`).
     :param snr_gamma: gamma of min-SNR weighting.
+    :param p2_k: k of P2 weighting.
+    :param p2_gamma: gamma of P2 weighting.
     """
 
     alphas_cumprod: torch.Tensor
     prediction_type: PredictionType = "epsilon"
     weighting: LossWeighting = "simple"
     snr_gamma: float = 5.0
+    p2_k: float = 1.0
+    p2_gamma: float = 1.0
 
     @classmethod
     def from_config(cls, config, alphas_cumprod: torch.Tensor) -> "DiffusionObjective":
-        return cls(alphas_cumprod, config.prediction_type, config.loss_weighting, config.snr_gamma)
+        return cls(alphas_cumprod, config.prediction_type, config.loss_weighting, config.snr_gamma, config.p2_k, config.p2_gamma)
 
     @property
     def num_timesteps(self) -> int:
@@ -185,5 +226,5 @@ class DiffusionObjective:
         extra = {} if class_labels is None else {"class_labels": class_labels}
         prediction = model(x_t, timesteps, **extra).sample
         target = training_target(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
-        weights = loss_weights(timesteps, self.alphas_cumprod, self.prediction_type, self.weighting, self.snr_gamma)
+        weights = loss_weights(timesteps, self.alphas_cumprod, self.prediction_type, self.weighting, self.snr_gamma, self.p2_k, self.p2_gamma)
         return per_example_loss(prediction, target, weights)

@@ -76,3 +76,23 @@ def plot_sampler_comparison(rows: list[dict], path: str, extractor: str) -> None
     axis.grid(True, which="both", alpha=0.3)
     axis.legend()
     _save(figure, path)
+
+
+def plot_bits_per_dim_terms(rows: list[dict], path: str, title: str) -> None:
+    """The bound's terms L_t in bits/dim against t, with a band of two standard errors: where the
+    model's likelihood is spent (usually the first few steps)."""
+    import math
+
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    t = [r["t"] for r in rows]
+    mean = [r["bits_per_dim"] for r in rows]
+    error = [0.0 if math.isnan(r["std_error"]) else 2 * r["std_error"] for r in rows]
+    axis.plot(t, mean, ".-" if len(rows) < 200 else "-", color="tab:red", markersize=3, linewidth=1)
+    axis.fill_between(t, [max(m - e, 1e-12) for m, e in zip(mean, error)], [m + e for m, e in zip(mean, error)], color="tab:red", alpha=0.2)
+    axis.set_xlabel("t (0 is the decoder term)")
+    axis.set_ylabel("L_t (bits/dim)")
+    if min(mean) > 0:
+        axis.set_yscale("log")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, which="both", alpha=0.3)
+    _save(figure, path)

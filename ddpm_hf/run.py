@@ -22,7 +22,7 @@ from . import checkpoints
 from .config import TrainingConfig
 from .sources import InMemoryImages, StreamingImages, load_data
 from .diagnostics import write_diagnostics_at_start
-from .ema import ExponentialMovingAverage, LiveWeights
+from .ema import AverageSet, ExponentialMovingAverage, LiveWeights
 from .environment import check_compiled_gradients, make_accelerator, prepare_output_dir, step_options
 from .errors import UserError, first_line
 from .faults import with_injected_faults
@@ -70,6 +70,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: ExponentialMovingAverage | LiveWeights
+    extra_emas: AverageSet  # --extra_ema_decays: more lengths to choose from after training (often empty)
     data: InMemoryImages | StreamingImages
     validation: ValidationSet | None
     early_stopping: EarlyStopping
@@ -115,8 +116,9 @@ class Run:
         return self.sampling_unet.eval()
 
     def checkpoint_state(self) -> checkpoints.NamedState:
+        extra = {"extra_emas": self.extra_emas} if self.extra_emas else {}  # absent without them: older checkpoints still load
         return checkpoints.NamedState(progress=self.progress, ema=self.ema, lr_scheduler=self.lr_scheduler,
-                                      timestep_sampler=self.timestep_sampler, data=self.data, early_stopping=self.early_stopping)
+                                      timestep_sampler=self.timestep_sampler, data=self.data, early_stopping=self.early_stopping, **extra)
 
 
 def total_train_steps(config: TrainingConfig, data: InMemoryImages | StreamingImages, images_per_step: int) -> int:
@@ -184,7 +186,8 @@ def build_run(config: TrainingConfig, stop_request: StopRequest, cleanup: contex
         config=config, accelerator=accelerator, model=model, unet=unet, unet_values=unet_values,
         sampling_unet=UNet2DModel.from_config(unet.config).to(device),  # every process holds one: validation runs on all
         noise_scheduler=noise_scheduler, objective=objective, timestep_sampler=make_timestep_sampler(config.timestep_sampling, config.ddpm_num_steps),
-        optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema, data=data,
+        optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
+        extra_emas=AverageSet(unet.parameters(), config.extra_ema_decays, config.ema_inv_gamma, config.ema_power), data=data,
         validation=make_validation_set(held_out, config.ddpm_num_steps, config.seed) if held_out is not None else None,
         early_stopping=EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta),
         random_flip=config.random_flip if config.random_flip is not None else data.channels == 3,

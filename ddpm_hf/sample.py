@@ -14,6 +14,7 @@ import sys
 
 from .cli import OneLineArgumentParser, run_command
 from .errors import UserError
+from .weights import resolve_weights
 
 SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++")  # generation.SCHEDULERS, named here so that flags are checked before torch loads
 
@@ -21,6 +22,8 @@ SCHEDULER_NAMES = ("ddim", "ddpm", "dpm++")  # generation.SCHEDULERS, named here
 def parse_args(argv=None) -> argparse.Namespace:
     parser = OneLineArgumentParser(prog="python -m ddpm_hf.sample", description="Draw images from a trained DDPM pipeline.")
     parser.add_argument("model", help="a folder written by train_ddpm.py (or its best/), or a Hub model id")
+    parser.add_argument("--weights", default=None, help="which of the run's weights: raw, or ema-<decay> for a length kept with "
+                        "--extra_ema_decays (listed in MODEL/weights.json); default: the main EMA")
     parser.add_argument("--scheduler", default="ddpm", choices=SCHEDULER_NAMES, help="sampler on the training schedule (default ddpm)")
     parser.add_argument("--num_inference_steps", type=int, default=None, help="default: T for ddpm, 50 for ddim, 20 for dpm++")
     parser.add_argument("--eta", type=float, default=0.0, help="DDIM noise scale: 0 deterministic, 1 like DDPM")
@@ -44,6 +47,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         raise UserError("say where the images go: --grid PATH and/or --out_dir DIR")
     if args.model.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(args.model)):
         raise UserError(f"{args.model} is not a folder; pass a folder written by train_ddpm.py or a Hub model id")
+    args.model = resolve_weights(args.model, args.weights)
     return args
 
 

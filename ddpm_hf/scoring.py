@@ -5,7 +5,6 @@ the pure-noise floor and the sampler comparison. The library behind ``python -m 
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import os
 import re
@@ -21,6 +20,7 @@ from .errors import UserError
 from .features import DigitFeatures, InceptionFeatures, classifier_scores
 from .fid import FeatureStatistics, frechet_distance
 from .generation import build_pipeline, class_labels_for, default_device, draw_images
+from .reports import write_csv, write_markdown
 from .seeds import Stream, generator
 
 DEFAULT_CACHE = os.path.join(os.path.expanduser("~"), ".cache", "ddpm_hf")
@@ -132,16 +132,10 @@ def write_sampler_report(rows: list[dict], report_dir: str, num_samples: int, ex
     from .plots import plot_sampler_comparison
 
     os.makedirs(report_dir, exist_ok=True)
-    with open(os.path.join(report_dir, "samplers.csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    lines = [f"FID ({extractor} features, {num_samples} samples per row) and sampling time per image.", "",
-             "| sampler | steps | s / image | FID |" + (" mean confidence |" if "mean_confidence" in rows[0] else ""),
-             "|---|---:|---:|---:|" + ("---:|" if "mean_confidence" in rows[0] else "")]
-    for r in rows:
-        lines.append(f"| {r['sampler']} | {r['steps']} | {r['seconds_per_image']:.4f} | {r['fid']:.3f} |"
-                     + (f" {r['mean_confidence']:.3f} |" if "mean_confidence" in r else ""))
-    with open(os.path.join(report_dir, "samplers.md"), "w") as f:
-        f.write("\n".join(lines) + "\n")
+    write_csv(os.path.join(report_dir, "samplers.csv"), rows)
+    columns = {"sampler": "sampler", "steps": "steps", "seconds_per_image": "s / image", "fid": "FID"}
+    if "mean_confidence" in rows[0]:
+        columns["mean_confidence"] = "mean confidence"
+    write_markdown(os.path.join(report_dir, "samplers.md"), f"FID ({extractor} features, {num_samples} samples per row) and sampling time per image.",
+                   rows, columns)
     plot_sampler_comparison(rows, os.path.join(report_dir, "samplers.png"), extractor)

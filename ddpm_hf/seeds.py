@@ -26,6 +26,8 @@ class Stream(IntEnum):
     INTERPOLATION = 9  # (seed): the end points of the interpolation grid
     DIAGNOSTICS = 10  # (seed): the noise of the forward-process strip
     COMPILE_CHECK = 11  # (seed): the synthetic batch of the torch.compile gradient check
+    LIKELIHOOD_NOISE = 12  # (seed, image index, t): the eps of one term of one image's bits/dim
+    LIKELIHOOD_TIMESTEPS = 13  # (seed): the stratified timesteps of a bits/dim estimate
 
 
 def derive_seed(stream: Stream, seed: int, *parts: int) -> int:

@@ -12,6 +12,7 @@ and ``state_dict()``:
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from functools import partial
 
@@ -273,3 +274,27 @@ def load_data(config: TrainingConfig, device: torch.device, rank: int = 0, world
         raise UserError(f"the validation split '{config.validation_split}' needs labels in 0..{train.num_classes - 1}, like the training split")
     validation = ValidationImages(images=torch.from_numpy(pixels).to(device), labels=labels.to(device) if labels is not None else None)
     return train, validation
+
+
+def held_out_images(config: TrainingConfig, split: str | None, count: int, seed: int, device: torch.device) -> tuple[ValidationImages, str]:
+    """Up to ``count`` images to measure a model on, and a description of where they came from.
+
+    ``split`` is a split name (test) or a fraction of the training split held out as
+    --validation_split holds it out (the same examples for the same seed). Without one: the
+    model's own validation split, else the dataset's test split, else a seeded sample of the
+    training images (said in the description: a bound on seen images flatters the model)."""
+    candidates = [split] if split is not None else [s for s in (config.validation_split, "test") if s is not None]
+    for name in candidates:
+        try:
+            trial = dataclasses.replace(config, validation_split=name, max_validation_samples=count, streaming=False)
+            _, held_out = load_data(trial, device)
+        except UserError:
+            if split is not None:
+                raise
+            continue
+        kind = f"{float(name):g} of the training split held out with seed {config.seed}" if trial.validation_fraction else f"split '{name}'"
+        return held_out, f"{len(held_out)} images: {kind}"
+    training, _ = load_data(dataclasses.replace(config, validation_split=None, streaming=False), device)
+    chosen = torch.randperm(len(training.images), generator=torch.Generator().manual_seed(seed))[:count].to(training.images.device)
+    labels = training.labels[chosen] if training.labels is not None else None
+    return ValidationImages(training.images[chosen], labels), f"{len(chosen)} training images (no held-out split: the model has seen them)"

@@ -100,6 +100,7 @@ def optimisation_step(run) -> StepOutcome:
     run.lr_scheduler.step()  # the schedule follows the step count, applied or not
     run.optimizer.zero_grad(set_to_none=True)
     run.ema.update(run.unet.parameters(), applied)
+    run.extra_emas.update(run.unet.parameters(), applied)
     return StepOutcome(step_loss, grad_norm.detach().float(), applied, draws.timesteps)
 
 

@@ -12,6 +12,7 @@ import time
 import torch
 
 from .config import TrainingConfig
+from .ema import LiveWeights
 from .environment import finish_trackers, release_process_group
 from .files import write_json
 from .generation import pipeline_for
@@ -22,6 +23,7 @@ from .metrics import peak_memory_bytes, smooth_without_lag
 from .models import count_parameters
 from .run import Run, build_run
 from .step import optimisation_step
+from .weights import RAW, WEIGHTS_DIR, WEIGHTS_INDEX, ema_name, weights_index
 
 
 def train(config: TrainingConfig) -> dict:
@@ -87,6 +89,7 @@ def finish(run: Run) -> dict:
                               "its pipeline, statistics and model card are left as they are")
         else:
             pipeline_for(run.sampling_weights(), run.noise_scheduler, run.data.class_names).save_pretrained(config.output_dir, safe_serialization=True)
+            save_weight_choices(run)
             stats = run_statistics(run, ranks_identical)
             write_json(stats_path, stats)
             mine = stats["this_process"]
@@ -99,6 +102,20 @@ def finish(run: Run) -> dict:
         write_card_and_push(run, stats, rewrite_card=not finished_before)
     finish_trackers(accelerator)
     return stats
+
+
+def save_weight_choices(run: Run) -> None:
+    """With --extra_ema_decays: the raw weights and each extra EMA length as pipelines in weights/,
+    and weights.json naming every choice (sample and evaluate take --weights NAME)."""
+    config = run.config
+    if not run.extra_emas:
+        return
+    choices = [(RAW, LiveWeights(run.unet.parameters()))] + [(ema_name(decay), average) for decay, average in run.extra_emas.items()]
+    for name, weights in choices:
+        weights.copy_to(run.sampling_unet.parameters())
+        pipeline = pipeline_for(run.sampling_unet.eval(), run.noise_scheduler, run.data.class_names)
+        pipeline.save_pretrained(os.path.join(config.output_dir, WEIGHTS_DIR, name), safe_serialization=True)
+    write_json(os.path.join(config.output_dir, WEIGHTS_INDEX), weights_index(ema_name(config.ema_max_decay), [name for name, _ in choices]))
 
 
 def _saved_statistics(stats_path: str) -> dict | None:

@@ -110,7 +110,7 @@ def test_unwritable_output_dir_and_output_dir_that_is_a_file(tmp_path):
         (["--train_batch_size", "0"], "--train_batch_size must be a positive integer"),
         (["--prediction_type", "noise"], "argument --prediction_type"),
         (["--ddpm_beta_schedule", "cosine"], "argument --ddpm_beta_schedule"),
-        (["--loss_weighting", "p2"], "argument --loss_weighting"),
+        (["--loss_weighting", "edm"], "argument --loss_weighting"),
         (["--timestep_sampling", "importance"], "argument --timestep_sampling"),
         (["--cond_drop_prob", "1"], "--cond_drop_prob must be in [0, 1)"),
         (["--validation_split", "2"], "--validation_split as a fraction must be in (0, 1)"),

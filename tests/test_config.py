@@ -37,7 +37,12 @@ def test_saved_config_round_trips(tmp_path):
     [
         (["--prediction_type", "noise"], "prediction_type"),
         (["--ddpm_beta_schedule", "cosine"], "ddpm_beta_schedule"),
-        (["--loss_weighting", "p2"], "loss_weighting"),
+        (["--loss_weighting", "edm"], "loss_weighting"),
+        (["--extra_ema_decays", "0.999", "0.999"], "listed once"),
+        (["--extra_ema_decays", "0.9999"], "differ from --ema_max_decay 0.9999"),
+        (["--extra_ema_decays", "1.5"], "must be in (0, 1)"),
+        (["--extra_ema_decays", "0.99", "--use_ema", "false"], "--extra_ema_decays needs --use_ema"),
+        (["--p2_gamma", "-1"], "--p2_gamma must be >= 0"),
         (["--train_batch_size", "0"], "--train_batch_size must be a positive integer"),
         (["--learning_rate=-1e-4"], "--learning_rate must be in (0, 1]"),
         (["--learning_rate", "5"], "--learning_rate must be in (0, 1]"),

@@ -20,7 +20,7 @@ from ddpm_hf.features import DigitFeatures, InceptionFeatures, _torch_fidelity_i
 from ddpm_hf.fid import FeatureStatistics, frechet_distance
 from ddpm_hf.training import train
 
-from .conftest import OFFLINE_DIGITS_CLASSIFIER, REPO, cli_env
+from .conftest import OFFLINE_DIGITS_CLASSIFIER, run_module
 
 CPU = torch.device("cpu")
 
@@ -144,7 +144,7 @@ def conditional_model(tmp_path_factory):
 
 
 def _command(module: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=600)
+    return run_module(module, *args)
 
 
 def test_sample_command_writes_a_grid_and_files_and_repeats_with_the_same_seed(conditional_model, tmp_path):
@@ -219,9 +219,8 @@ def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_inter
 
 
 def test_evaluate_with_inception_and_no_weights_says_how_to_get_them(unconditional_model, tmp_path):
-    result = subprocess.run([sys.executable, "-m", "ddpm_hf.evaluate", str(unconditional_model), "--extractor", "inception", "--num_samples", "4",
-                             "--max_reference_samples", "10", "--cache_dir", str(tmp_path)], cwd=REPO, env=cli_env(TORCH_HOME=str(tmp_path / "th")),
-                            capture_output=True, text=True, timeout=300)
+    result = run_module("ddpm_hf.evaluate", str(unconditional_model), "--extractor", "inception", "--num_samples", "4",
+                        "--max_reference_samples", "10", "--cache_dir", str(tmp_path), timeout=300, TORCH_HOME=str(tmp_path / "th"))
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert "--inception_weights PATH" in result.stderr and "https://github.com/toshas/torch-fidelity/releases" in result.stderr
 
@@ -246,3 +245,37 @@ def test_training_logs_fid_and_classifier_scores_every_eval_steps(tmp_path, shar
     # The time-to-quality clocks: optimisation time, and wall time less the evaluations.
     assert 0 < rows[0]["train_s"] < rows[1]["train_s"] and 0 < rows[0]["wall_s"] < rows[1]["wall_s"]
     assert (shared_evaluation_cache / OFFLINE_DIGITS_CLASSIFIER).is_file()  # the classifier is trained once and kept
+
+
+def test_evaluate_bpd_measures_held_out_images_writes_its_terms_and_keeps_earlier_results(unconditional_model, tmp_path):
+    report = tmp_path / "report"
+    report.mkdir()
+    (report / "evaluation.json").write_text(json.dumps({"model_scores": {"fid": 12.5}}))  # an earlier FID evaluation
+    result = _command("ddpm_hf.evaluate", str(unconditional_model), "--bpd", "--bpd_timesteps", "3", "--bpd_images", "4", "--bpd_split", "0.01",
+                      "--report_dir", str(report))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((report / "evaluation.json").read_text())
+    assert results["model_scores"] == {"fid": 12.5}  # --bpd alone samples nothing and keeps the earlier figures
+    bpd = results["bits_per_dim"]
+    assert bpd["num_images"] == 4 and bpd["timesteps_per_image"] == 3 and bpd["exact"] is False and bpd["conditional_on_labels"] is False
+    assert bpd["images"] == "4 images: 0.01 of the training split held out with seed 0"
+    # Three weights of an untrained net: far from the digits' ~1 bit/dim, but a finite bound above the prior term.
+    assert 1 < bpd["bits_per_dim"] < 100 and bpd["std_error"] > 0 and 0 < bpd["prior_bits_per_dim"] < 1e-3
+    rows = (report / "bits_per_dim.csv").read_text().splitlines()
+    assert rows[0] == "t,bits_per_dim,std_error,count" and 3 <= len(rows) - 1 <= 12  # each image draws one t in each third of 0..999
+    assert PIL.Image.open(report / "bits_per_dim.png").size[0] > 400
+    assert "bits/dim:" in result.stderr and "3 stratified of 1000 terms per image" in result.stderr
+
+    unseen = _command("ddpm_hf.evaluate", str(unconditional_model), "--bpd", "--bpd_timesteps", "2", "--bpd_images", "2", "--report_dir", str(report))
+    assert unseen.returncode == 0, unseen.stderr[-3000:]
+    assert json.loads((report / "evaluation.json").read_text())["bits_per_dim"]["images"] == "2 training images (no held-out split: the model has seen them)"
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--bpd_timesteps", "0"], "--bpd_timesteps must be 'all' or a whole number"),
+    (["--bpd_timesteps", "1001"], "--bpd_timesteps 1001 is more than the model's 1000 timesteps"),
+    (["--bpd_split", "test"], "has only a train split"),
+])
+def test_evaluate_bpd_mistakes(unconditional_model, tmp_path, args, fragment):
+    result = _command("ddpm_hf.evaluate", str(unconditional_model), "--bpd", "--bpd_images", "2", "--report_dir", str(tmp_path), *args)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and fragment in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]

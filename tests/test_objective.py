@@ -116,9 +116,49 @@ def test_min_snr_weights_follow_hang_et_al():
     assert loss_weights(torch.tensor([0]), abar, "epsilon", "min_snr")[0] < 0.01
 
 
-@pytest.mark.parametrize("weighting", ["simple", "snr", "min_snr"])
+def test_vlb_weights_are_half_the_snr_drop_and_the_decoder_width():
+    """Fixed values of the linear schedule: w(t) = (SNR(t-1) - SNR(t)) / 2 for t >= 1, and 1 / (2 beta-tilde_1) at t = 0."""
+    betas = np.linspace(1e-4, 0.02, 1000)
+    abar = np.cumprod(1 - betas)
+    ratio = abar / (1 - abar)
+    weights = loss_weights(torch.tensor([0, 1, 10, 500, 999]), torch.tensor(abar), "sample", "vlb").tolist()
+    beta_tilde_1 = (1 - abar[0]) / (1 - abar[1]) * betas[1]
+    expected = [0.5 / beta_tilde_1] + [0.5 * (ratio[t - 1] - ratio[t]) for t in (1, 10, 500, 999)]
+    assert weights == pytest.approx(expected, rel=1e-9)
+    # By hand: beta_0 = 1e-4, beta_1 = 1.1992e-4, abar_0 = 0.9999, abar_1 = 0.99978, beta-tilde_1 = 5.4532e-5.
+    assert weights[0] == pytest.approx(9168.95, rel=1e-5) and weights[1] == pytest.approx(2726.32, rel=1e-5)
+    # eps-prediction: the same terms divided by SNR(t); far smaller where the signal is gone.
+    eps = loss_weights(torch.tensor([1, 999]), torch.tensor(abar), "epsilon", "vlb").tolist()
+    assert eps == pytest.approx([0.5 * (ratio[0] / ratio[1] - 1), 0.5 * (ratio[998] / ratio[999] - 1)], rel=1e-9)
+
+
+def test_vlb_weighted_x0_error_is_the_bound_term_of_likelihood_py():
+    """The vlb-weighted loss is the KL term L_t that bits/dim sums (in nats rather than bits)."""
+    from ddpm_hf.likelihood import LN2, Schedule
+
+    abar = linear_abar().double()
+    t = torch.tensor([1, 7, 250, 800])
+    x0 = torch.rand(4, 1, 6, 6, dtype=torch.float64) * 2 - 1
+    x_t = q_sample(x0, torch.randn_like(x0), t, abar)
+    x0_hat = x0 + 0.05 * torch.randn_like(x0)
+    weighted = per_example_loss(x0_hat, x0, loss_weights(t, abar, "sample", "vlb")).double()
+    torch.testing.assert_close(weighted / LN2, Schedule(abar).term_bits(x0, x_t, t, x0_hat), rtol=1e-6, atol=0)
+
+
+def test_p2_weights_follow_choi_et_al():
+    abar = linear_abar().double()
+    t = torch.arange(0, 1000, 53)
+    ratio = abar[t] / (1 - abar[t])
+    torch.testing.assert_close(loss_weights(t, abar, "epsilon", "p2"), 1 / (1 + ratio))  # k = 1, gamma = 1
+    torch.testing.assert_close(loss_weights(t, abar, "epsilon", "p2", p2_k=2.0, p2_gamma=0.5), (2 + ratio) ** -0.5)
+    torch.testing.assert_close(loss_weights(t, abar, "sample", "p2", p2_k=2.0, p2_gamma=0.5), ratio * (2 + ratio) ** -0.5)
+    assert loss_weights(torch.tensor([0]), abar, "epsilon", "p2").item() == pytest.approx(1 / (1 + 9999), rel=1e-3)  # SNR(0) = 0.9999 / 1e-4
+    assert loss_weights(torch.tensor([0, 999]), abar, "epsilon", "p2", p2_gamma=0.0).tolist() == [1.0, 1.0]  # gamma 0 is L_simple
+
+
+@pytest.mark.parametrize("weighting", ["simple", "snr", "min_snr", "vlb", "p2"])
 def test_weighted_losses_agree_across_parametrisations(weighting):
-    """snr and min_snr are one x0-space weight w(t): the weighted eps, v and x0 losses are equal
+    """snr, min_snr, vlb and p2 are each one x0-space weight w(t): the weighted eps, v and x0 losses are equal
     for the same implied x0 prediction. (simple is per-target by design, so only checked for eps.)"""
     abar = linear_abar().double()
     t = torch.tensor([3, 90, 300, 600, 950])

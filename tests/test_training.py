@@ -24,7 +24,7 @@ from ddpm_hf.pipeline import ClassConditionalDDPMPipeline
 from ddpm_hf.sources import load_data
 from ddpm_hf.training import train
 
-from .conftest import FAST, REPO, cli_env, run_train
+from .conftest import FAST, REPO, cli_env, run_module, run_train
 
 
 def _weights(path):
@@ -327,3 +327,33 @@ def test_class_conditional_training_saves_a_guided_pipeline_and_draws_one_row_pe
 def test_checkpoint_rotation_keeps_the_newest(tmp_path):
     train(_config(tmp_path / "r", max_train_steps=4, gradient_accumulation_steps=1, checkpointing_steps=1, checkpoints_total_limit=2))
     assert sorted(p.name for p in (tmp_path / "r/checkpoints").iterdir()) == ["checkpoint-3", "checkpoint-4"]
+
+
+def test_extra_ema_lengths_give_loadable_pipelines_to_choose_from_and_resume_bitwise(tmp_path):
+    extra = dict(extra_ema_decays=[0.6, 0.5], learning_rate=1e-3)
+    train(_config(tmp_path / "straight", **extra))
+    train(_config(tmp_path / "split", max_train_steps=3, checkpointing_steps=3, **extra))
+    train(_config(tmp_path / "split", checkpointing_steps=3, resume_from_checkpoint="latest", **extra))
+    index = json.loads((tmp_path / "straight/weights.json").read_text())
+    assert index == {"default": "ema-0.9999", "choices": {"ema-0.9999": ".", "raw": "weights/raw", "ema-0.6": "weights/ema-0.6", "ema-0.5": "weights/ema-0.5"}}
+    name = "unet/diffusion_pytorch_model.safetensors"
+    weights = {}
+    for choice, folder in index["choices"].items():
+        straight, split = _weights(tmp_path / "straight" / folder / name), _weights(tmp_path / "split" / folder / name)
+        assert all(torch.equal(straight[k], split[k]) for k in straight), f"{choice} differs after a resume"
+        weights[choice] = straight
+        assert isinstance(DDPMPipeline.from_pretrained(str(tmp_path / "straight" / folder)), DDPMPipeline)
+    # Four different weight sets, the shorter the average the closer to the raw weights: the warm-up decay
+    # 1 - n^-0.75 passes 0.5 at update 3 and 0.6 at update 4, and reaches only 0.74 by update 6.
+    distance = {c: sum((w[k] - weights["raw"][k]).pow(2).sum().item() for k in w) for c, w in weights.items()}
+    assert 0 == distance["raw"] < distance["ema-0.5"] < distance["ema-0.6"] < distance["ema-0.9999"]
+
+
+def test_the_weights_choice_is_checked_by_the_commands(tmp_path):
+    train(_config(tmp_path / "run", max_train_steps=2, extra_ema_decays=[0.99]))
+    drawn = run_module("ddpm_hf.sample", str(tmp_path / "run"), "--weights", "raw", "--num_images", "1", "--num_inference_steps", "2",
+                       "--grid", str(tmp_path / "raw.png"))
+    assert drawn.returncode == 0 and (tmp_path / "raw.png").is_file(), drawn.stderr[-2000:]
+    wrong = run_module("ddpm_hf.sample", str(tmp_path / "run"), "--weights", "ema-0.5", "--grid", str(tmp_path / "g.png"))
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert wrong.stderr.strip().splitlines()[-1] == f"error: --weights 'ema-0.5' is not a choice of {tmp_path / 'run'}; its choices are ema-0.9999, raw, ema-0.99"

@@ -1,0 +1,53 @@
+"""Measurements of a trained model that the evaluate command combines: scores of sampled images
+and bits/dim on held-out images, each also writing its report files."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from .data import to_model_input
+from .errors import UserError
+from .generation import build_pipeline, class_labels_for, draw_images
+from .likelihood import VariationalBound, measure_bits_per_dim
+from .reports import write_csv
+from .scoring import Evaluator
+from .sources import ValidationImages
+
+
+def sample_and_score(unet, scheduler_config, class_names, evaluator: Evaluator, scheduler: str, steps: int, num_samples: int, batch_size: int,
+                     seed: int, eta: float, guidance_scale: float, device) -> dict:
+    """Draw ``num_samples`` images (every class in turn for a conditional model) and score them."""
+    pipeline = build_pipeline(unet, scheduler_config, scheduler, device, class_names)
+    labels = class_labels_for(pipeline, num_samples, None)
+    started = time.perf_counter()
+    images = draw_images(pipeline, num_samples, batch_size, steps, seed, eta, labels, guidance_scale)
+    return {**evaluator.score(images), "sampler": scheduler, "steps": steps, "seconds_per_image": (time.perf_counter() - started) / num_samples}
+
+
+def bits_per_dim_report(unet, scheduler_config, held_out: ValidationImages, description: str, timesteps_per_image: int | None,
+                        batch_size: int, seed: int, report_dir: str) -> dict:
+    """The bound on ``held_out`` (exact, or from ``timesteps_per_image`` stratified terms per image);
+    writes bits_per_dim.csv (L_t per t) and bits_per_dim.png to ``report_dir``."""
+    from .plots import plot_bits_per_dim_terms
+
+    try:
+        bound = VariationalBound.from_scheduler_config(scheduler_config)
+    except ValueError as e:
+        raise UserError(f"--bpd: {e}") from None
+    T = bound.schedule.num_timesteps
+    if timesteps_per_image is not None and timesteps_per_image > T:
+        raise UserError(f"--bpd_timesteps {timesteps_per_image} is more than the model's {T} timesteps; use --bpd_timesteps all for the exact bound")
+    conditional = bool(unet.config.num_class_embeds)
+    if conditional and held_out.labels is None:
+        raise UserError("--bpd on a class-conditional model needs labelled held-out images; the chosen images have no labels")
+    labels = held_out.labels if conditional else None
+    result = measure_bits_per_dim(bound, unet.eval(), to_model_input(held_out.images), labels, timesteps_per_image, batch_size, seed)
+    os.makedirs(report_dir, exist_ok=True)
+    write_csv(os.path.join(report_dir, "bits_per_dim.csv"), result.per_timestep)
+    terms = "all" if result.exact else f"{result.timesteps_per_image} stratified"
+    title = f"{result.bits_per_dim:.4f} ± {result.std_error:.4f} bits/dim ({terms} of {T} terms per image, {description.split(':')[0]})"
+    plot_bits_per_dim_terms(result.per_timestep, os.path.join(report_dir, "bits_per_dim.png"), title)
+    print(f"bits/dim: {result.bits_per_dim:.4f} ± {result.std_error:.4f} (standard error; {terms} of {T} terms per image; {description})", file=sys.stderr)
+    return {**result.summary(), "images": description, "conditional_on_labels": conditional}
