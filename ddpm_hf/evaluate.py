@@ -31,7 +31,7 @@ from .errors import UserError
 from .features import DigitFeatures
 from .files import read_json, write_json
 from .generation import default_device, default_steps, interpolation_grid, load_unet_and_schedule
-from .measure import bits_per_dim_report, sample_and_score
+from .measure import bits_per_dim_report, guidance_sweep, sample_and_score
 from .scoring import COMPARE_STEPS, DEFAULT_CACHE, Evaluator, compare_samplers, noise_images, reference_name
 from .sources import held_out_images
 from .weights import resolve_weights
@@ -65,6 +65,8 @@ def parse_args(argv=None):
     parser.add_argument("--sampler_steps", type=int, nargs="+", default=list(COMPARE_STEPS))
     parser.add_argument("--interpolation_grid", default=None, help="write a slerp interpolation grid (DDIM, eta 0) to this PNG")
     parser.add_argument("--fid", action="store_true", help="FID and classifier scores (the default when no other measurement is asked for)")
+    parser.add_argument("--guidance_scales", default=None, help="conditional models: sweep classifier-free guidance over these scales, "
+                        "e.g. 0,1,2,3,5,7.5,10: FID, quality and diversity per scale (guidance.csv/.md/.png)")
     parser.add_argument("--bpd", action="store_true", help="bits/dim on held-out images: the variational bound of Ho et al. 2020")
     parser.add_argument("--bpd_timesteps", default="50", help="terms per image: 'all' for the exact bound (T network calls per image) or K "
                         "for an unbiased estimate from K stratified timesteps (default 50)")
@@ -79,7 +81,14 @@ def parse_args(argv=None):
             raise UserError(f"--{name} must be at least 2, got {getattr(args, name)}")
     if args.bpd_timesteps != "all" and not (args.bpd_timesteps.isdigit() and int(args.bpd_timesteps) >= 1):
         raise UserError(f"--bpd_timesteps must be 'all' or a whole number of timesteps per image such as 50, got {args.bpd_timesteps!r}")
-    args.fid = args.fid or not args.bpd
+    if args.guidance_scales is not None:
+        try:
+            args.guidance_scales = [float(v) for v in args.guidance_scales.replace(" ", ",").split(",") if v]
+        except ValueError:
+            raise UserError(f"--guidance_scales takes numbers separated by commas, such as 0,1,2,5,10; got {args.guidance_scales!r}") from None
+        if not args.guidance_scales or min(args.guidance_scales) < 0:
+            raise UserError(f"--guidance_scales needs at least one scale, each >= 0; got {args.guidance_scales}")
+    args.fid = args.fid or not (args.bpd or args.guidance_scales)
     args.model = resolve_weights(args.model, args.weights)
     return args
 
@@ -111,7 +120,7 @@ def main(argv=None) -> None:
     config = training_config_of(args.model, args)
     report_dir = args.report_dir or (os.path.join(args.model, "evaluation") if os.path.isdir(args.model) else "evaluation")
     results = {"model": args.model}
-    if args.fid or args.noise_baseline or args.compare_samplers:
+    if args.fid or args.noise_baseline or args.compare_samplers or args.guidance_scales:
         evaluator = Evaluator.build(config, channels, resolution, args.extractor, args.cache_dir, args.inception_weights, args.max_reference_samples, args.seed, device)
         results.update(reference=reference_name(config), extractor=evaluator.extractor.name)
         if isinstance(evaluator.extractor, DigitFeatures):
@@ -120,6 +129,10 @@ def main(argv=None) -> None:
             steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
             results["model_scores"] = sample_and_score(unet, scheduler_config, class_names, evaluator, args.scheduler, steps, args.num_samples,
                                                        args.batch_size, args.seed, args.eta, args.guidance_scale, device)
+        if args.guidance_scales:
+            steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
+            results["guidance"] = guidance_sweep(unet, scheduler_config, class_names, evaluator, args.guidance_scales, args.scheduler, steps,
+                                                 args.num_samples, args.batch_size, args.seed, args.eta, device, report_dir)
         if args.noise_baseline:
             results["noise_scores"] = evaluator.score(noise_images(args.num_samples, channels, resolution, args.seed))
         if args.compare_samplers:

@@ -58,3 +58,23 @@ def frechet_distance(a: FeatureStatistics, b: FeatureStatistics) -> float:
     trace_sqrt = torch.linalg.eigvalsh((middle + middle.T) / 2).clamp(min=0).sqrt().sum()
     distance = (mu1 - mu2).pow(2).sum() + s1.trace() + s2.trace() - 2 * trace_sqrt
     return float(distance.clamp(min=0))
+
+
+def precision_recall(real: torch.Tensor, generated: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of two feature sets (N, D).
+
+    Each set's manifold is the union of balls around its points, each reaching to the point's k-th
+    nearest neighbour in its own set. Precision: the share of generated points inside the real
+    manifold (are the images realistic?). Recall: the share of real points inside the generated
+    manifold (does the model cover the data's variety?). FID mixes the two in one number."""
+    real, generated = real.double().cpu(), generated.double().cpu()
+    if min(len(real), len(generated)) <= k:
+        raise ValueError(f"precision and recall with k = {k} need more than {k} points in each set, got {len(real)} and {len(generated)}")
+
+    def radii(points: torch.Tensor) -> torch.Tensor:
+        return torch.cdist(points, points).kthvalue(k + 1, dim=1).values  # the (k+1)-th smallest: the point itself is at 0
+
+    distances = torch.cdist(generated, real)  # (G, R)
+    precision = (distances <= radii(real)[None, :]).any(dim=1).double().mean().item()
+    recall = (distances.T <= radii(generated)[None, :]).any(dim=1).double().mean().item()
+    return precision, recall

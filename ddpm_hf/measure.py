@@ -11,7 +11,7 @@ from .data import to_model_input
 from .errors import UserError
 from .generation import build_pipeline, class_labels_for, draw_images
 from .likelihood import VariationalBound, measure_bits_per_dim
-from .reports import write_csv
+from .reports import write_csv, write_markdown
 from .scoring import Evaluator
 from .sources import ValidationImages
 
@@ -23,7 +23,8 @@ def sample_and_score(unet, scheduler_config, class_names, evaluator: Evaluator, 
     labels = class_labels_for(pipeline, num_samples, None)
     started = time.perf_counter()
     images = draw_images(pipeline, num_samples, batch_size, steps, seed, eta, labels, guidance_scale)
-    return {**evaluator.score(images), "sampler": scheduler, "steps": steps, "seconds_per_image": (time.perf_counter() - started) / num_samples}
+    seconds = time.perf_counter() - started
+    return {**evaluator.score(images, labels), "sampler": scheduler, "steps": steps, "seconds_per_image": seconds / num_samples}
 
 
 def bits_per_dim_report(unet, scheduler_config, held_out: ValidationImages, description: str, timesteps_per_image: int | None,
@@ -51,3 +52,40 @@ def bits_per_dim_report(unet, scheduler_config, held_out: ValidationImages, desc
     plot_bits_per_dim_terms(result.per_timestep, os.path.join(report_dir, "bits_per_dim.png"), title)
     print(f"bits/dim: {result.bits_per_dim:.4f} ± {result.std_error:.4f} (standard error; {terms} of {T} terms per image; {description})", file=sys.stderr)
     return {**result.summary(), "images": description, "conditional_on_labels": conditional}
+
+
+def guidance_sweep(unet, scheduler_config, class_names, evaluator: Evaluator, scales: list[float], scheduler: str, steps: int,
+                   num_samples: int, batch_size: int, seed: int, eta: float, device, report_dir: str) -> list[dict]:
+    """Classifier-free guidance at each scale in ``scales``: the same noises and class-balanced labels,
+    scored for quality (FID, mean confidence, label accuracy, class precision) and diversity
+    (class recall, class entropy). Writes guidance.csv, guidance.md and guidance.png."""
+    from .plots import plot_guidance_sweep
+
+    pipeline = build_pipeline(unet, scheduler_config, scheduler, device, class_names)
+    labels = class_labels_for(pipeline, num_samples, None)
+    if labels is None:
+        raise UserError("--guidance_scales needs a class-conditional model (trained with --class_conditional); this one has no classes")
+    rows = []
+    for scale in scales:
+        started = time.perf_counter()
+        images = draw_images(pipeline, num_samples, batch_size, steps, seed, eta, labels, scale, progress=False)
+        seconds = time.perf_counter() - started
+        score = evaluator.score(images, labels)
+        row = {"guidance_scale": scale, "fid": score["fid"], "seconds_per_image": seconds / num_samples}
+        row.update({k: score[k] for k in GUIDANCE_COLUMNS if k in score})
+        rows.append(row)
+        print(f"guidance {scale:g}: FID {score['fid']:.3f}" + "".join(f", {k} {score[k]:.3f}" for k in GUIDANCE_COLUMNS if k in score),
+              file=sys.stderr, flush=True)
+    os.makedirs(report_dir, exist_ok=True)
+    write_csv(os.path.join(report_dir, "guidance.csv"), rows)
+    intro = (f"Classifier-free guidance sweep: {num_samples} images per scale ({scheduler.upper()} {steps} steps, seed {seed}, every class in turn), "
+             f"{evaluator.extractor.name} features. Quality: FID, mean confidence, label accuracy, class precision. Diversity: class recall "
+             "(Kynkäänniemi et al. 2019, k = 3, within each class), class entropy.")
+    headers = {"guidance_scale": "s", "fid": "FID", "seconds_per_image": "s / image", "mean_confidence": "mean confidence", "label_accuracy": "label accuracy",
+               "class_precision": "class precision", "class_recall": "class recall", "class_entropy_bits": "class entropy (bits)"}
+    write_markdown(os.path.join(report_dir, "guidance.md"), intro, rows, {k: v for k, v in headers.items() if k in rows[0]})
+    plot_guidance_sweep(rows, os.path.join(report_dir, "guidance.png"))
+    return rows
+
+
+GUIDANCE_COLUMNS = ("mean_confidence", "label_accuracy", "class_precision", "class_recall", "class_entropy_bits")

@@ -96,3 +96,26 @@ def plot_bits_per_dim_terms(rows: list[dict], path: str, title: str) -> None:
     axis.set_title(title, fontsize=10)
     axis.grid(True, which="both", alpha=0.3)
     _save(figure, path)
+
+
+def plot_guidance_sweep(rows: list[dict], path: str) -> None:
+    """Left: FID against the guidance scale. Right: the quality/diversity trade-off, one point per
+    scale (mean confidence, or precision, against class recall when measured)."""
+    scales = [r["guidance_scale"] for r in rows]
+    figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
+    left.plot(scales, [r["fid"] for r in rows], "o-", color="tab:blue")
+    left.set_xlabel("guidance scale s")
+    left.set_ylabel("FID")
+    left.grid(True, alpha=0.3)
+    diversity = "class_recall" if "class_recall" in rows[0] else "class_entropy_bits"
+    quality = "mean_confidence" if "mean_confidence" in rows[0] else "class_precision"
+    if diversity in rows[0] and quality in rows[0]:
+        x, y = [r[diversity] for r in rows], [r[quality] for r in rows]
+        right.plot(x, y, "o-", color="tab:purple")
+        for scale, xi, yi in zip(scales, x, y):
+            right.annotate(f"s={scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        right.set_xlabel(f"diversity: {diversity.replace('_', ' ')}")
+        right.set_ylabel(f"quality: {quality.replace('_', ' ')}")
+        right.grid(True, alpha=0.3)
+    figure.suptitle("classifier-free guidance sweep")
+    _save(figure, path)

@@ -18,7 +18,7 @@ from .config import TrainingConfig
 from .data import ImageFormat, decode_in_memory, find_columns, labels_and_classes, load_source_dataset
 from .errors import UserError
 from .features import DigitFeatures, InceptionFeatures, classifier_scores
-from .fid import FeatureStatistics, frechet_distance
+from .fid import FeatureStatistics, frechet_distance, precision_recall
 from .generation import build_pipeline, class_labels_for, default_device, draw_images
 from .reports import write_csv, write_markdown
 from .seeds import Stream, generator
@@ -50,6 +50,9 @@ def load_reference(config: TrainingConfig, channels: int, resolution: int, max_s
     return torch.from_numpy(pixels), labels, num_classes
 
 
+PRECISION_RECALL_K = 3  # Kynkäänniemi et al.'s choice
+
+
 def reference_name(config: TrainingConfig) -> str:
     return _slug(config.train_data_dir or config.dataset_name) + f"-{config.dataset_split}"
 
@@ -61,10 +64,14 @@ def features_of(extractor, images: torch.Tensor, batch_size: int = 250) -> torch
 
 @dataclass
 class Evaluator:
-    """A feature extractor with the reference statistics it is compared against."""
+    """A feature extractor with the reference statistics it is compared against, and the labelled
+    reference images for the per-class scores of a conditional model."""
 
     extractor: DigitFeatures | InceptionFeatures
     reference: FeatureStatistics
+    reference_images: torch.Tensor | None = None  # uint8, in the model's format
+    reference_labels: torch.Tensor | None = None
+    _reference_features: torch.Tensor | None = None  # computed on first use: cached statistics make them unnecessary for FID
 
     @classmethod
     def build(cls, config: TrainingConfig, channels: int, resolution: int, extractor: str = "digits", cache_dir: str = DEFAULT_CACHE,
@@ -86,16 +93,43 @@ class Evaluator:
         else:
             reference = FeatureStatistics.of(features_of(features, images))
             reference.save(stats_path)
-        return cls(features, reference)
+        return cls(features, reference, images, labels)
 
-    def score(self, images: torch.Tensor) -> dict:
-        """FID against the reference, plus the classifier scores for the digit extractor."""
-        result = {"fid": frechet_distance(FeatureStatistics.of(features_of(self.extractor, images)), self.reference), "num_images": len(images),
-                  "extractor": self.extractor.name}
+    def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:
+        """FID against the reference, plus the classifier scores for the digit extractor; with the
+        ``labels`` a conditional model was asked for, also the per-class scores (`class_scores`)."""
+        features = features_of(self.extractor, images)
+        result = {"fid": frechet_distance(FeatureStatistics.of(features), self.reference), "num_images": len(images), "extractor": self.extractor.name}
         if isinstance(self.extractor, DigitFeatures):
             probabilities = features_of(self.extractor.probabilities, images)
             result.update(classifier_scores(probabilities))
+            if labels is not None:
+                # Adherence: the share of images the classifier reads as the class they were drawn for.
+                result["label_accuracy"] = float((probabilities.argmax(dim=1).cpu() == labels.cpu()).double().mean())
+        if labels is not None and self.reference_labels is not None:
+            result.update(self.class_scores(features, labels))
         return result
+
+    def class_scores(self, features: torch.Tensor, labels: torch.Tensor) -> dict:
+        """Precision and recall (k = 3) of each class's images against as many reference images of
+        that class, averaged over classes: recall is the diversity within a class that FID and the
+        class histogram cannot see (a model that draws one perfect 7 for every 7 has recall near 0)."""
+        if self._reference_features is None:
+            self._reference_features = features_of(self.extractor, self.reference_images).cpu()
+        features, labels = features.cpu(), labels.cpu()
+        precisions, recalls = [], []
+        for c in labels.unique().tolist():
+            mine, real = features[labels == c], self._reference_features[self.reference_labels.cpu() == c]
+            count = min(len(mine), len(real))
+            if count <= PRECISION_RECALL_K:
+                continue
+            order = torch.randperm(len(real), generator=torch.Generator().manual_seed(c))[:count]  # a fixed subset of the class
+            precision, recall = precision_recall(real[order], mine[:count], PRECISION_RECALL_K)
+            precisions.append(precision)
+            recalls.append(recall)
+        if not recalls:
+            return {}
+        return {"class_precision": sum(precisions) / len(precisions), "class_recall": sum(recalls) / len(recalls)}
 
 
 def noise_images(count: int, channels: int, resolution: int, seed: int) -> torch.Tensor:

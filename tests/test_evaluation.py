@@ -17,7 +17,7 @@ from ddpm_hf.errors import UserError
 from ddpm_hf.generation import CAPTION_HEIGHT, slerp
 from ddpm_hf.scoring import Evaluator, features_of, noise_images
 from ddpm_hf.features import DigitFeatures, InceptionFeatures, _torch_fidelity_inception, classifier_scores, train_digit_classifier
-from ddpm_hf.fid import FeatureStatistics, frechet_distance
+from ddpm_hf.fid import FeatureStatistics, frechet_distance, precision_recall
 from ddpm_hf.training import train
 
 from .conftest import OFFLINE_DIGITS_CLASSIFIER, run_module
@@ -279,3 +279,34 @@ def test_evaluate_bpd_measures_held_out_images_writes_its_terms_and_keeps_earlie
 def test_evaluate_bpd_mistakes(unconditional_model, tmp_path, args, fragment):
     result = _command("ddpm_hf.evaluate", str(unconditional_model), "--bpd", "--bpd_images", "2", "--report_dir", str(tmp_path), *args)
     assert result.returncode == 2 and "Traceback" not in result.stderr and fragment in result.stderr.strip().splitlines()[-1], result.stderr[-2000:]
+
+
+def test_precision_and_recall_follow_kynkaanniemi_et_al_on_hand_sized_sets():
+    line = torch.arange(5.0)[:, None]  # real points 0..4: with k = 1 each ball has radius 1
+    assert precision_recall(line, line, k=1) == (1.0, 1.0)
+    # 0.5 lies in the real manifold and 10 does not; the two generated balls have radius 9.5 and cover every real point.
+    assert precision_recall(line, torch.tensor([[0.5], [10.0]]), k=1) == (0.5, 1.0)
+    # Mode collapse: realistic images of one corner of the data only.
+    grid = torch.stack(torch.meshgrid(torch.arange(10.0), torch.arange(10.0), indexing="ij"), dim=-1).reshape(-1, 2)
+    corner = grid[(grid[:, 0] < 3) & (grid[:, 1] < 3)] + 0.1
+    precision, recall = precision_recall(grid, corner, k=3)
+    assert precision == 1.0 and recall < 0.25
+    with pytest.raises(ValueError, match="more than 3 points"):
+        precision_recall(grid, corner[:3])
+
+
+def test_evaluate_sweeps_guidance_with_quality_and_diversity_per_scale(conditional_model, tmp_path):
+    result = _command("ddpm_hf.evaluate", str(conditional_model), "--guidance_scales", "0,2.5", "--num_samples", "40", "--batch_size", "40",
+                      "--num_inference_steps", "2", "--report_dir", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads((tmp_path / "evaluation.json").read_text())["guidance"]
+    assert [r["guidance_scale"] for r in rows] == [0.0, 2.5] and "model_scores" not in json.loads((tmp_path / "evaluation.json").read_text())
+    for r in rows:
+        assert set(r) == {"guidance_scale", "fid", "seconds_per_image", "mean_confidence", "label_accuracy", "class_precision", "class_recall",
+                          "class_entropy_bits"}
+        assert r["fid"] > 0 and all(0 <= r[k] <= 1 for k in ("mean_confidence", "label_accuracy", "class_precision", "class_recall"))
+    assert (tmp_path / "guidance.csv").read_text().startswith("guidance_scale,fid,seconds_per_image,mean_confidence,label_accuracy")
+    assert "| 2.5 |" in (tmp_path / "guidance.md").read_text()
+    assert PIL.Image.open(tmp_path / "guidance.png").size[0] > 1000
+    unconditional = _command("ddpm_hf.evaluate", str(tmp_path), "--guidance_scales", "x")
+    assert unconditional.returncode == 2 and "--guidance_scales takes numbers separated by commas" in unconditional.stderr
