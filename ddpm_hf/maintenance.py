@@ -69,18 +69,20 @@ def validate(run, final: bool) -> bool:
     if run.validation is None or not (every(config.validation_steps, progress.step) or final):
         return False
     with run.interval.paused():
-        losses = validation_losses(run.sampling_weights(), run.validation, run.objective, run.accelerator, config.train_batch_size,
-                                   config.class_conditional)
-        val_loss = losses.double().mean().item()
+        losses, eps_errors = validation_losses(run.sampling_weights(), run.validation, run.objective, run.accelerator, config.train_batch_size,
+                                               config.class_conditional)
+        val_loss, val_eps_mse = losses.double().mean().item(), eps_errors.double().mean().item()
         improved = run.early_stopping.observe(val_loss, progress.step)
         best = run.early_stopping
         if run.accelerator.is_main_process:
-            run.validation_log.append({"step": progress.step, "images_seen": progress.images_seen, "val_loss": val_loss, "best_val_loss": best.best_loss})
-            write_timestep_profile(config.output_dir, timestep_profile(losses, run.validation.timesteps, config.ddpm_num_steps), progress.step)
+            run.validation_log.append({"step": progress.step, "images_seen": progress.images_seen, "val_loss": val_loss, "best_val_loss": best.best_loss,
+                                       "val_eps_mse": val_eps_mse})
+            profile = timestep_profile(losses, run.validation.timesteps, config.ddpm_num_steps, eps_errors=eps_errors)
+            write_timestep_profile(config.output_dir, profile, progress.step)
             if improved:
                 save_best(run, {"step": progress.step, "val_loss": val_loss})
             if config.report_to != "none":
-                run.accelerator.log({"val_loss": val_loss}, step=progress.step)
+                run.accelerator.log({"val_loss": val_loss, "val_eps_mse": val_eps_mse}, step=progress.step)
         run.say(f"step {progress.step}: validation loss {val_loss:.5f} (best {best.best_loss:.5f} at step {best.best_step})")
     if best.stopped:
         run.say(f"early stopping at step {progress.step}: no improvement over {best.best_loss:.5f} (step {best.best_step}) in "
@@ -108,11 +110,13 @@ def log_metrics(run, final: bool) -> bool:
     run.seconds_this_run += summary.seconds
     row = {"step": progress.step, "images_seen": progress.images_seen, "loss": summary.mean_loss, "grad_norm": summary.mean_grad_norm,
            "lr": run.lr_scheduler.get_last_lr()[0], "images_per_s": summary.steps * run.images_per_step / summary.seconds,
-           "skipped_steps": len(summary.skipped), "elapsed_s": progress.train_seconds}
+           "skipped_steps": len(summary.skipped), "elapsed_s": progress.train_seconds, "loss_by_t": summary.loss_by_t}
     if run.accelerator.is_main_process:
         run.metrics.append(row)
         if config.report_to != "none":
-            run.accelerator.log({k: v for k, v in row.items() if k != "step"}, step=progress.step)
+            tracked = {k: v for k, v in row.items() if k not in ("step", "loss_by_t")}
+            tracked.update({f"loss_by_t/{i}": v for i, v in enumerate(summary.loss_by_t) if v is not None})  # one curve per tenth of the chain
+            run.accelerator.log(tracked, step=progress.step)
     run.progress_bar.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{row['lr']:.2e}", img_s=f"{row['images_per_s']:.0f}")
     return True
 

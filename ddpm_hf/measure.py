@@ -48,7 +48,7 @@ def bits_per_dim_report(unet, scheduler_config, held_out: ValidationImages, desc
     os.makedirs(report_dir, exist_ok=True)
     write_csv(os.path.join(report_dir, "bits_per_dim.csv"), result.per_timestep)
     terms = "all" if result.exact else f"{result.timesteps_per_image} stratified"
-    title = f"{result.bits_per_dim:.4f} ± {result.std_error:.4f} bits/dim ({terms} of {T} terms per image, {description.split(':')[0]})"
+    title = f"{result.bits_per_dim:.4f} ± {result.std_error:.4f} bits/dim: {terms} of {T} terms per image\n{description}"
     plot_bits_per_dim_terms(result.per_timestep, os.path.join(report_dir, "bits_per_dim.png"), title)
     print(f"bits/dim: {result.bits_per_dim:.4f} ± {result.std_error:.4f} (standard error; {terms} of {T} terms per image; {description})", file=sys.stderr)
     return {**result.summary(), "images": description, "conditional_on_labels": conditional}

@@ -222,9 +222,29 @@ class DiffusionObjective:
                class_labels: torch.Tensor | None = None) -> torch.Tensor:
         """Per-example weighted losses (B,) of ``model`` (a UNet2DModel or its wrapper) on one batch
         (Ho et al. algorithm 1, lines 2-5); ``class_labels`` only for a class-conditional UNet."""
+        x_t, prediction = self._predict(model, x0, noise, timesteps, class_labels)
+        return self._weighted(prediction, x0, noise, timesteps)
+
+    def losses_and_eps_errors(self, model, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                              class_labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The weighted losses and, from the same prediction, the unweighted MSE of the eps it implies:
+        one scale on which runs of any target and weighting can be compared (eps-MSE equivalent)."""
+        x_t, prediction = self._predict(model, x0, noise, timesteps, class_labels)
+        if self.prediction_type == "epsilon":
+            eps_hat = prediction
+        else:
+            x0_hat = predicted_x0(x_t.float(), prediction.float(), timesteps, self.alphas_cumprod.float(), self.prediction_type)
+            abar = _per_example(self.alphas_cumprod[timesteps], x_t).float()
+            eps_hat = (x_t.float() - abar.sqrt() * x0_hat) / (1 - abar).sqrt()
+        eps_errors = per_example_loss(eps_hat, noise, torch.ones_like(timesteps, dtype=torch.float32))
+        return self._weighted(prediction, x0, noise, timesteps), eps_errors
+
+    def _predict(self, model, x0, noise, timesteps, class_labels):
         x_t = q_sample(x0, noise, timesteps, self.alphas_cumprod)
         extra = {} if class_labels is None else {"class_labels": class_labels}
-        prediction = model(x_t, timesteps, **extra).sample
+        return x_t, model(x_t, timesteps, **extra).sample
+
+    def _weighted(self, prediction, x0, noise, timesteps) -> torch.Tensor:
         target = training_target(x0, noise, timesteps, self.alphas_cumprod, self.prediction_type)
         weights = loss_weights(timesteps, self.alphas_cumprod, self.prediction_type, self.weighting, self.snr_gamma, self.p2_k, self.p2_gamma)
         return per_example_loss(prediction, target, weights)

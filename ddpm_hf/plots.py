@@ -79,22 +79,36 @@ def plot_sampler_comparison(rows: list[dict], path: str, extractor: str) -> None
 
 
 def plot_bits_per_dim_terms(rows: list[dict], path: str, title: str) -> None:
-    """The bound's terms L_t in bits/dim against t, with a band of two standard errors: where the
-    model's likelihood is spent (usually the first few steps)."""
+    """Left: the bound's terms L_t in bits/dim against t, with a band of two standard errors.
+    Right: their running sum against t on a log axis: where the likelihood is spent (for a trained
+    model, most of it in the first few steps, the decoder term alone about half)."""
     import math
 
-    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    figure, (left, right) = plt.subplots(1, 2, figsize=(12, 4.2), dpi=120)
     t = [r["t"] for r in rows]
     mean = [r["bits_per_dim"] for r in rows]
     error = [0.0 if math.isnan(r["std_error"]) else 2 * r["std_error"] for r in rows]
-    axis.plot(t, mean, ".-" if len(rows) < 200 else "-", color="tab:red", markersize=3, linewidth=1)
-    axis.fill_between(t, [max(m - e, 1e-12) for m, e in zip(mean, error)], [m + e for m, e in zip(mean, error)], color="tab:red", alpha=0.2)
-    axis.set_xlabel("t (0 is the decoder term)")
-    axis.set_ylabel("L_t (bits/dim)")
+    left.plot(t, mean, ".-" if len(rows) < 200 else "-", color="tab:red", markersize=3, linewidth=1)
+    left.fill_between(t, [max(m - e, 1e-12) for m, e in zip(mean, error)], [m + e for m, e in zip(mean, error)], color="tab:red", alpha=0.2)
+    left.set_xlabel("t (0 is the decoder term)")
+    left.set_ylabel("L_t (bits/dim)")
     if min(mean) > 0:
-        axis.set_yscale("log")
-    axis.set_title(title, fontsize=10)
-    axis.grid(True, which="both", alpha=0.3)
+        left.set_yscale("log")
+    left.grid(True, which="both", alpha=0.3)
+    if len(rows) == t[-1] + 1:  # every term measured: the running sum is meaningful
+        running, total = [], 0.0
+        for m in mean:
+            total += m
+            running.append(total)
+        right.plot([x + 1 for x in t], running, color="tab:red")
+        right.set_xscale("log")
+        right.set_xlabel("t + 1 (log)")
+        right.set_ylabel("sum of L_0..L_t (bits/dim)")
+        right.grid(True, which="both", alpha=0.3)
+    else:
+        right.text(0.5, 0.5, "running sum: measure every term (--bpd_timesteps all)", ha="center", va="center", transform=right.transAxes)
+        right.set_axis_off()
+    figure.suptitle(title, fontsize=10)
     _save(figure, path)
 
 
@@ -118,4 +132,36 @@ def plot_guidance_sweep(rows: list[dict], path: str) -> None:
         right.set_ylabel(f"quality: {quality.replace('_', ' ')}")
         right.grid(True, alpha=0.3)
     figure.suptitle("classifier-free guidance sweep")
+    _save(figure, path)
+
+
+def plot_validation_curves(curves: dict[str, list[dict]], path: str) -> None:
+    """Each run's validation eps-MSE against images seen: one scale for every target and weighting."""
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    for name, rows in curves.items():
+        rows = [r for r in rows if "val_eps_mse" in r]
+        axis.plot([r["images_seen"] for r in rows], [r["val_eps_mse"] for r in rows], "o-", markersize=3, label=name)
+    axis.set_xlabel("images seen")
+    axis.set_ylabel("validation eps-MSE")
+    axis.set_yscale("log")
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=8)
+    _save(figure, path)
+
+
+def plot_timestep_profiles(profiles: dict[str, list[dict]], path: str, title: str) -> None:
+    """Several per-timestep validation profiles as lines over the bins' centres: the eps-MSE where
+    every profile has it (comparable across runs), else each run's own loss."""
+    key = "mean_eps_mse" if all("mean_eps_mse" in p[0] for p in profiles.values()) else "mean_loss"
+    figure, axis = plt.subplots(figsize=(7, 4), dpi=120)
+    colours = plt.cm.viridis([i / max(1, len(profiles) - 1) for i in range(len(profiles))]) if len(profiles) > 6 else [None] * len(profiles)
+    for (label, rows), colour in zip(profiles.items(), colours):
+        centres = [(r["t_start"] + r["t_end"]) / 2 for r in rows]
+        axis.plot(centres, [r[key] for r in rows], "o-", markersize=3, label=label, color=colour)
+    axis.set_xlabel("t (bin centres)")
+    axis.set_ylabel("validation eps-MSE" if key == "mean_eps_mse" else "validation loss (each run's own units)")
+    axis.set_yscale("log")
+    axis.set_title(title, fontsize=10)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend(fontsize=7, ncol=2 if len(profiles) > 6 else 1)
     _save(figure, path)

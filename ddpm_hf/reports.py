@@ -26,7 +26,11 @@ def markdown_table(rows: list[dict], columns: dict[str, str] | None = None) -> s
     """A Markdown table of ``rows``; ``columns`` maps keys to headers (all keys of the first row by default).
     Numbers are right-aligned and printed with four significant decimals."""
     columns = columns or {key: key for key in rows[0]}
-    numeric = {key: all(isinstance(r.get(key), (int, float)) and not isinstance(r.get(key), bool) for r in rows) for key in columns}
+    def is_number(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+    # A column of numbers (some missing) is right-aligned.
+    numeric = {key: any(is_number(r.get(key)) for r in rows) and all(is_number(r.get(key)) or r.get(key) is None for r in rows) for key in columns}
     lines = ["| " + " | ".join(columns.values()) + " |", "|" + "|".join("---:" if numeric[k] else "---" for k in columns) + "|"]
     lines += ["| " + " | ".join(_cell(r.get(key)) for key in columns) + " |" for r in rows]
     return "\n".join(lines) + "\n"

@@ -62,6 +62,7 @@ class StepOutcome:
     grad_norm: torch.Tensor
     applied: torch.Tensor  # bool: False when a non-finite loss or gradient skipped the update
     timesteps: torch.Tensor  # the last micro-batch's, for the report of a skipped step
+    losses_by_t: torch.Tensor  # (2, TIMESTEP_BINS): this process's summed per-example losses and their count per bin of t
 
 
 def optimisation_step(run) -> StepOutcome:
@@ -75,6 +76,7 @@ def optimisation_step(run) -> StepOutcome:
     rank, world_size, device = accelerator.process_index, accelerator.num_processes, accelerator.device
     accumulation = config.gradient_accumulation_steps
     step_loss = torch.zeros((), device=device)
+    losses_by_t = torch.zeros(2, TIMESTEP_BINS, device=device)
     for micro in range(accumulation):
         images, labels = run.data.next_batch(step, micro, accumulation)
         cond_drop_prob = config.cond_drop_prob if config.class_conditional else 0.0
@@ -94,6 +96,7 @@ def optimisation_step(run) -> StepOutcome:
             loss = (losses * draws.weights).mean() / accumulation  # importance weights keep the objective unbiased
             accelerator.backward(loss)
         step_loss += loss.detach()
+        losses_by_t += binned_by_timestep(losses.detach(), draws.timesteps, config.ddpm_num_steps)
     # clip_grad_norm_ unscales fp16 gradients first; with clipping off it still measures the norm.
     grad_norm = accelerator.clip_grad_norm_(run.model.parameters(), config.max_grad_norm or float("inf"))
     applied = apply_update(accelerator, run.optimizer, step_loss, grad_norm)
@@ -101,7 +104,19 @@ def optimisation_step(run) -> StepOutcome:
     run.optimizer.zero_grad(set_to_none=True)
     run.ema.update(run.unet.parameters(), applied)
     run.extra_emas.update(run.unet.parameters(), applied)
-    return StepOutcome(step_loss, grad_norm.detach().float(), applied, draws.timesteps)
+    return StepOutcome(step_loss, grad_norm.detach().float(), applied, draws.timesteps, losses_by_t)
+
+
+TIMESTEP_BINS = 10  # the training loss per tenth of the chain, in every metrics row
+
+
+def binned_by_timestep(losses: torch.Tensor, timesteps: torch.Tensor, num_timesteps: int) -> torch.Tensor:
+    """(2, TIMESTEP_BINS): the sum of ``losses`` and their count in each equal bin of t, on the device."""
+    bins = torch.div(timesteps * TIMESTEP_BINS, num_timesteps, rounding_mode="floor")
+    sums = torch.zeros(2, TIMESTEP_BINS, device=losses.device)
+    sums[0].index_add_(0, bins, losses.float())
+    sums[1].index_add_(0, bins, torch.ones_like(losses, dtype=torch.float32))
+    return sums
 
 
 def apply_update(accelerator, optimizer, step_loss: torch.Tensor, grad_norm: torch.Tensor) -> torch.Tensor:
@@ -129,6 +144,7 @@ def apply_update(accelerator, optimizer, step_loss: torch.Tensor, grad_norm: tor
 class IntervalSummary:
     mean_loss: float  # over applied steps and processes
     mean_grad_norm: float
+    loss_by_t: list[float | None]  # the mean per-example loss in each tenth of 0..T-1 (None: not drawn), over processes
     steps: int  # applied and skipped
     seconds: float
     skipped: list[tuple[int, int, int]]  # (step, t min, t max) of each skipped step
@@ -143,11 +159,13 @@ class LoggingInterval:
     def __init__(self, device: torch.device):
         self.loss_sum = torch.zeros((), device=device)
         self.grad_norm_sum = torch.zeros((), device=device)
+        self.losses_by_t = torch.zeros(2, TIMESTEP_BINS, device=device)
         self._restart()
 
     def _restart(self) -> None:
         self.loss_sum.zero_()
         self.grad_norm_sum.zero_()
+        self.losses_by_t.zero_()
         self.step_numbers: list[int] = []
         self.outcomes: list[torch.Tensor] = []  # per step: (applied, t min, t max) on the device
         self.started, self.paused_seconds = time.perf_counter(), 0.0
@@ -156,6 +174,7 @@ class LoggingInterval:
         # where(), not multiplication: 0 * NaN would still be NaN.
         self.loss_sum += torch.where(outcome.applied, outcome.loss, 0.0)
         self.grad_norm_sum += torch.where(outcome.applied, outcome.grad_norm, 0.0)
+        self.losses_by_t += torch.where(outcome.applied, outcome.losses_by_t, 0.0)
         self.step_numbers.append(step)
         t = outcome.timesteps
         self.outcomes.append(torch.stack([outcome.applied.to(t.dtype), t.min(), t.max()]))
@@ -181,8 +200,10 @@ class LoggingInterval:
         applied = sum(int(flag) for flag, _, _ in outcomes)
         mean_loss = accelerator.reduce(self.loss_sum.clone(), reduction="mean").item() / applied if applied else float("nan")
         mean_grad_norm = self.grad_norm_sum.item() / applied if applied else float("nan")
+        sums, counts = accelerator.reduce(self.losses_by_t.clone(), reduction="sum").tolist()
         summary = IntervalSummary(
             mean_loss=mean_loss, mean_grad_norm=mean_grad_norm, steps=len(outcomes), seconds=seconds,
+            loss_by_t=[total / count if count else None for total, count in zip(sums, counts)],
             skipped=[(step, int(t_min), int(t_max)) for step, (flag, t_min, t_max) in zip(self.step_numbers, outcomes) if not flag],
             applied_flags=[bool(flag) for flag, _, _ in outcomes],
         )

@@ -47,8 +47,9 @@ def make_validation_set(held_out: ValidationImages, num_timesteps: int, seed: in
 
 @torch.no_grad()
 def validation_losses(unet, validation: ValidationSet, objective: DiffusionObjective, accelerator, batch_size: int,
-                      class_conditional: bool = False) -> torch.Tensor:
-    """The per-example validation loss (N,), identical on every process; ``class_conditional``:
+                      class_conditional: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """The per-example validation losses (N,) and eps-space errors (N,, see
+    `DiffusionObjective.losses_and_eps_errors`), identical on every process; ``class_conditional``:
     the network takes the examples' labels.
 
     Each process evaluates one contiguous share of the set (padded to equal length, as
@@ -59,27 +60,36 @@ def validation_losses(unet, validation: ValidationSet, objective: DiffusionObjec
     positions = torch.arange(rank * share, (rank + 1) * share, device=validation.images.device)
     real = positions < count
     positions = positions.clamp(max=count - 1)
-    losses = []
+    losses, eps_errors = [], []
     for start in range(0, share, batch_size):
         index = positions[start : start + batch_size]
         labels = validation.labels[index] if class_conditional else None
         with accelerator.autocast():
             x0 = to_model_input(validation.images[index])
-            losses.append(objective.losses(unet, x0, validation.noise[index], validation.timesteps[index], labels).float())
-    mine = torch.cat(losses) if losses else torch.zeros(0, device=positions.device)
+            loss, eps_error = objective.losses_and_eps_errors(unet, x0, validation.noise[index], validation.timesteps[index], labels)
+        losses.append(loss.float())
+        eps_errors.append(eps_error.float())
+    empty = torch.zeros(0, device=positions.device)
+    mine = torch.stack([torch.cat(losses) if losses else empty, torch.cat(eps_errors) if eps_errors else empty], dim=1)  # (share, 2)
     gathered, kept = accelerator.gather(mine), accelerator.gather(real.long())  # gloo cannot gather bools
-    return gathered[kept.bool()]
+    gathered = gathered[kept.bool()]
+    return gathered[:, 0], gathered[:, 1]
 
 
-def timestep_profile(losses: torch.Tensor, timesteps: torch.Tensor, num_timesteps: int, bins: int = PROFILE_BINS) -> list[dict]:
-    """Mean loss in ``bins`` equal bins of t: where along the chain the model struggles."""
+def timestep_profile(losses: torch.Tensor, timesteps: torch.Tensor, num_timesteps: int, bins: int = PROFILE_BINS,
+                     eps_errors: torch.Tensor | None = None) -> list[dict]:
+    """Mean loss in ``bins`` equal bins of t: where along the chain the model struggles; with
+    ``eps_errors``, their mean too (``mean_eps_mse``: comparable across targets and weightings)."""
     edges = torch.linspace(0, num_timesteps, bins + 1).round().long().tolist()
     losses, timesteps = losses.double().cpu(), timesteps.cpu()
     rows = []
     for low, high in zip(edges[:-1], edges[1:]):
         inside = (timesteps >= low) & (timesteps < high)
         count = int(inside.sum())
-        rows.append({"t_start": low, "t_end": high - 1, "mean_loss": float(losses[inside].mean()) if count else float("nan"), "count": count})
+        row = {"t_start": low, "t_end": high - 1, "mean_loss": float(losses[inside].mean()) if count else float("nan"), "count": count}
+        if eps_errors is not None:
+            row["mean_eps_mse"] = float(eps_errors.double().cpu()[inside].mean()) if count else float("nan")
+        rows.append(row)
     return rows
 
 

@@ -13,6 +13,7 @@ def _functions(module: str) -> set[str]:
 def test_the_commands_only_parse_and_call():
     assert _functions("sample") == {"parse_args", "main"}
     assert _functions("evaluate") == {"parse_args", "training_config_of", "main"}
+    assert _functions("compare") == {"parse_args", "main"}
 
 
 def test_the_sampling_command_names_every_sampler_of_the_library():

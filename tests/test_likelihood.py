@@ -126,9 +126,13 @@ def test_the_estimate_with_every_timestep_is_the_exact_sum_and_fewer_agree_withi
 
 def test_stratified_timesteps_cover_each_slice_once_and_weight_it_by_its_size():
     t, sizes = stratified_timesteps(500, 10, 4, torch.Generator().manual_seed(0))
-    assert sizes.tolist() == [2, 3, 2, 3]  # edges 0, 2, 5, 7, 10
-    assert t[:, 0].unique().tolist() == [0, 1] and t[:, 1].unique().tolist() == [2, 3, 4]
-    assert t[:, 2].unique().tolist() == [5, 6] and t[:, 3].unique().tolist() == [7, 8, 9]
+    assert sizes.tolist() == [2, 1, 3, 4]  # edges 0, 2, 3, 6, 10: near 10^(k/4) = 1.8, 3.2, 5.6, 10
+    assert t[:, 0].unique().tolist() == [0, 1] and t[:, 1].unique().tolist() == [2]
+    assert t[:, 2].unique().tolist() == [3, 4, 5] and t[:, 3].unique().tolist() == [6, 7, 8, 9]
+    _, sizes = stratified_timesteps(1, 1000, 50)
+    assert sizes[:22].tolist() == [1] * 22 and sizes.sum().item() == 1000 and sizes[-1].item() == 1000 - 871  # 1000^(49/50) = 870.96
+    _, sizes = stratified_timesteps(1, 10, 10)
+    assert sizes.tolist() == [1] * 10  # K = T: every term once
     with pytest.raises(ValueError, match="1..10"):
         stratified_timesteps(1, 10, 11)
 

@@ -1,6 +1,7 @@
 """The maths of ddpm_hf.objective against closed forms, golden values and diffusers' DDPMScheduler."""
 
 import math
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -258,3 +259,34 @@ def test_the_smoothed_curve_does_not_trail_a_falling_loss():
     assert all(abs(s - v) < 0.2 * v for s, v in list(zip(smoothed, loss))[2:]), [round(s / v, 3) for s, v in zip(smoothed, loss)]
     assert smoothed[-1] == pytest.approx(0.03, rel=1e-3)
     assert smooth_without_lag([]) == [] and smooth_without_lag([0.0, -1.0, 1.0])[1] < 0.5  # non-positive values: smoothed as they are
+
+
+def test_the_training_loss_is_binned_by_tenths_of_the_chain():
+    from ddpm_hf.step import binned_by_timestep
+
+    losses = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])
+    t = torch.tensor([0, 99, 100, 550, 999])  # bins 0, 0, 1, 5, 9 of T = 1000
+    sums, counts = binned_by_timestep(losses, t, 1000).tolist()
+    assert sums == [3.0, 3.0, 0, 0, 0, 4.0, 0, 0, 0, 10.0] and counts == [2, 1, 0, 0, 0, 1, 0, 0, 0, 1]
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_eps_errors_put_every_target_on_the_eps_scale(prediction_type):
+    """One x0 estimate, expressed in each target's convention, has one eps-space error: SNR times its x0 error."""
+    abar = linear_abar()
+    t = torch.tensor([5, 200, 700])
+    x0, noise = torch.rand(3, 1, 4, 4) * 2 - 1, torch.randn(3, 1, 4, 4)
+    x0_hat = x0 + 0.1 * torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+
+    class Network(torch.nn.Module):
+        def forward(self, x_t, timesteps):
+            a = abar[timesteps].reshape(-1, 1, 1, 1)
+            eps_hat = (x_t - a.sqrt() * x0_hat) / (1 - a).sqrt()
+            outputs = {"sample": x0_hat, "epsilon": eps_hat, "v_prediction": a.sqrt() * eps_hat - (1 - a).sqrt() * x0_hat}
+            return SimpleNamespace(sample=outputs[prediction_type])
+
+    objective = DiffusionObjective(abar, prediction_type, "min_snr")
+    losses, eps_errors = objective.losses_and_eps_errors(Network(), x0, noise, t)
+    expected = snr(t, abar) * (x0_hat - x0).pow(2).mean(dim=(1, 2, 3))
+    torch.testing.assert_close(eps_errors, expected, rtol=2e-3, atol=0)
+    torch.testing.assert_close(losses, objective.losses(Network(), x0, noise, t))

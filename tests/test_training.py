@@ -80,7 +80,9 @@ def test_a_short_run_writes_every_output(finished_run):
 
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [2, 4] and [r["images_seen"] for r in rows] == [16, 32]
-    assert set(rows[0]) == {"step", "images_seen", "loss", "grad_norm", "lr", "images_per_s", "skipped_steps", "elapsed_s"}
+    assert set(rows[0]) == {"step", "images_seen", "loss", "grad_norm", "lr", "images_per_s", "skipped_steps", "elapsed_s", "loss_by_t"}
+    by_t = rows[0]["loss_by_t"]  # 16 draws over ten bins of t: some bins may be empty
+    assert len(by_t) == 10 and any(v is not None for v in by_t) and all(v is None or v > 0 for v in by_t)
     assert all(0 < r["loss"] < 10 and r["images_per_s"] > 0 for r in rows)
 
     stats = json.loads((out / "train_stats.json").read_text())

@@ -54,11 +54,12 @@ def test_validation_loss_is_identical_when_evaluated_twice_on_the_same_weights()
     objective = DiffusionObjective.from_config(config, build_noise_scheduler(config).alphas_cumprod.float())
     validation = make_validation_set(_held_out(24), 1000, seed=0)
     accelerator = Accelerator(cpu=True)
-    first = validation_losses(unet, validation, objective, accelerator, batch_size=8, class_conditional=True)
-    second = validation_losses(unet, validation, objective, accelerator, batch_size=5, class_conditional=True)  # other batching, same values
+    first, first_eps = validation_losses(unet, validation, objective, accelerator, batch_size=8, class_conditional=True)
+    second, _ = validation_losses(unet, validation, objective, accelerator, batch_size=5, class_conditional=True)  # other batching, same values
     assert first.shape == (24,) and torch.allclose(first, second, rtol=1e-5, atol=1e-7)
-    assert torch.equal(first, validation_losses(unet, validation, objective, accelerator, batch_size=8, class_conditional=True))
+    assert torch.equal(first, validation_losses(unet, validation, objective, accelerator, batch_size=8, class_conditional=True)[0])
     assert 0.2 < first.mean().item() < 5  # an untrained net's eps-MSE is of order 1
+    assert torch.equal(first_eps, first)  # eps-prediction with simple weighting: the loss is the eps-MSE
 
 
 def test_timestep_profile_averages_in_equal_bins():
@@ -67,6 +68,9 @@ def test_timestep_profile_averages_in_equal_bins():
     assert [r["t_start"] for r in profile[:3]] == [0, 50, 100] and profile[-1]["t_end"] == 999
     assert [r["count"] for r in profile] == [50] * 20
     assert profile[0]["mean_loss"] == pytest.approx(24.5) and profile[-1]["mean_loss"] == pytest.approx(974.5)
+    assert "mean_eps_mse" not in profile[0]
+    with_eps = timestep_profile(timesteps.float(), timesteps, 1000, bins=20, eps_errors=2 * timesteps.float())
+    assert with_eps[0]["mean_eps_mse"] == pytest.approx(49.0) and with_eps[0]["mean_loss"] == pytest.approx(24.5)
 
 
 def test_early_stopping_counts_validations_without_a_large_enough_improvement():
