@@ -101,10 +101,19 @@ def summary_row(record: RunRecord, differences: list[str]) -> dict:
         "fid": scores.get("fid"),
         "mean_confidence": scores.get("mean_confidence"),
         "bits_per_dim": record.evaluation.get("bits_per_dim", {}).get("bits_per_dim"),
+        **best_guidance(record.evaluation.get("guidance")),
         "images_per_s": record.stats.get("images_per_s"),
         "wall_time_s": record.stats.get("wall_time_s"),
     })
     return row
+
+
+def best_guidance(sweep: list[dict] | None) -> dict:
+    """The guidance scale with the lowest FID in an evaluated sweep, and that FID (empty without a sweep)."""
+    if not sweep:
+        return {}
+    best = min(sweep, key=lambda row: row["fid"])
+    return {"best_guidance_scale": best["guidance_scale"], "fid_at_best_guidance": best["fid"]}
 
 
 def write_comparison(paths: list[str], out_dir: str) -> list[dict]:
@@ -115,9 +124,11 @@ def write_comparison(paths: list[str], out_dir: str) -> list[dict]:
     records = [RunRecord.read(p, n) for p, n in zip(paths, run_names(paths))]
     differences = config_differences(records)
     rows = [summary_row(r, differences) for r in records]
+    columns = list(dict.fromkeys(k for row in rows for k in row))  # a sweep's columns appear where any run has one
+    rows = [{k: row.get(k) for k in columns} for row in rows]
     os.makedirs(out_dir, exist_ok=True)
     write_csv(os.path.join(out_dir, "comparison.csv"), rows)
-    shown = {k: v for k, v in {**{"run": "run"}, **{k: k for k in differences}, **TABLE_HEADERS}.items()}
+    shown = {"run": "run", **{k: k for k in differences}, **{k: v for k, v in TABLE_HEADERS.items() if k in columns}}
     intro = (f"{len(records)} runs. Settings: only those that differ ({', '.join(differences) or 'none'}). Losses are in each run's own "
              "units; `final val eps-MSE` is the validation's unweighted eps-space MSE, comparable across targets and weightings. FID, "
              "confidence and bits/dim come from each run's `evaluation/evaluation.json` (run `python -m ddpm_hf.evaluate RUN` first).")
@@ -140,7 +151,8 @@ def write_comparison(paths: list[str], out_dir: str) -> list[dict]:
 
 TABLE_HEADERS = {"steps": "steps", "images_seen": "images seen", "final_loss_smoothed": "final loss (smoothed)", "final_val_loss": "final val loss",
                  "best_val_loss": "best val loss", "final_val_eps_mse": "final val eps-MSE", "fid": "FID", "mean_confidence": "mean confidence",
-                 "bits_per_dim": "bits/dim", "images_per_s": "images/s", "wall_time_s": "wall time (s)"}
+                 "bits_per_dim": "bits/dim", "best_guidance_scale": "best guidance s", "fid_at_best_guidance": "FID at best s",
+                 "images_per_s": "images/s", "wall_time_s": "wall time (s)"}
 
 
 def _file_safe(name: str) -> str:
