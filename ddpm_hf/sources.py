@@ -145,9 +145,14 @@ class StreamingImages:
         stream = self.dataset.shuffle(seed=self.config.seed, buffer_size=self.config.shuffle_buffer_size)
         stream.set_epoch(self.epoch)
         stream = split_dataset_by_node(stream, rank=self.rank, world_size=self.world_size)
-        if self.consumed:
-            stream = stream.skip(self.consumed)
         workers = min(self.config.dataloader_num_workers, stream.num_shards)
+        # Resuming mid-epoch: with one reader the stream itself can skip what was consumed. With
+        # several workers it cannot: each worker batches its own shards and the loader takes their
+        # batches in turn, so the loader's order is not the stream's. The loader is replayed instead
+        # (deterministic, so exact; it re-reads the consumed part of the epoch).
+        replay = self.consumed // self.config.train_batch_size if workers > 1 else 0
+        if self.consumed and workers <= 1:
+            stream = stream.skip(self.consumed)
         loader = torch.utils.data.DataLoader(
             stream,
             batch_size=self.config.train_batch_size,
@@ -156,6 +161,8 @@ class StreamingImages:
             collate_fn=partial(_collate_stream, image_column=self.image_column, label_column=self.label_column, fmt=self.fmt),
         )
         self._iterator = iter(loader)
+        for _ in range(replay):
+            next(self._iterator)
 
     def next_batch(self, step: int, micro: int, accumulation: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self._iterator is None:

@@ -1,0 +1,130 @@
+"""The Hub paths for real, against a loopback Hub (tests/loopback_hub.py) that serves ylecun/mnist
+and uoft-cs/cifar10 in their published layouts: downloads, the cache, streaming, offline reruns,
+pushed models sampled by id, and faults on the wire. Each test runs the real command line; the
+server's request log shows what came over HTTP. `pytest -k 'hub and (mnist or cifar or stream)'`."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import PIL.Image
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from .conftest import FAST, REPO, cli_env, run_module, run_train
+from .hub_repos import cifar10_repo, mnist_repo
+from .loopback_hub import Fault, LoopbackHub
+
+WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
+
+
+@pytest.fixture(scope="module")
+def hub(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hub")
+    mnist_repo(root)
+    cifar10_repo(root)
+    server = LoopbackHub(root)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def through(hub, tmp_path):
+    """The environment of a command that talks to the loopback Hub, with a cache of its own; the request log starts empty."""
+    hub.requests.clear()
+    hub.faults.clear()
+    hub.gone, hub.valid_tokens = False, None
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_loopback"}
+
+
+def _same_weights(a, b) -> bool:
+    a, b = load_file(str(a / WEIGHTS)), load_file(str(b / WEIGHTS))
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_hub_mnist_is_downloaded_trained_on_and_a_second_run_offline_asks_nothing(hub, through, tmp_path):
+    first = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "online")], **through)
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert "examples: 240 |" in first.stdout
+    shards = sorted({p.rsplit("/", 1)[-1] for p in hub.requested("/datasets/ylecun/mnist/resolve/") if p.endswith(".parquet")})
+    assert shards == ["test-00000-of-00001.parquet"] + [f"train-0000{i}-of-00003.parquet" for i in range(3)]  # datasets prepares every split
+    assert hub.requested("/api/datasets/ylecun/mnist")  # the repo info came from the server too
+    asked = len(hub.requests)
+    offline = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "offline")], HF_HUB_OFFLINE="1", **through)
+    assert offline.returncode == 0, offline.stderr[-3000:]
+    assert len(hub.requests) == asked  # everything came from the cache
+    assert _same_weights(tmp_path / "online", tmp_path / "offline")  # the same data, the same seed: the same run
+
+
+def test_hub_mnist_config_and_named_splits(hub, through, tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--dataset_config_name", "mnist", "--dataset_split", "test",
+                        "--validation_split", "test", "--validation_steps", "2", "--output_dir", str(out)], **through)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "examples: 60 |" in result.stdout and "validation: 60 |" in result.stdout
+    config = json.loads((out / "training_config.json").read_text())
+    assert (config["dataset_name"], config["dataset_config_name"], config["dataset_split"]) == ("ylecun/mnist", "mnist", "test")
+    assert [json.loads(line)["step"] for line in (out / "validation.jsonl").read_text().splitlines()] == [2, 4]
+    wrong = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--dataset_split", "validation", "--output_dir", str(tmp_path / "w")], **through)
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr and "validation" in wrong.stderr.strip().splitlines()[-1]
+
+
+def test_hub_cifar10_trains_in_bf16_with_random_flips(hub, through, tmp_path):
+    out = tmp_path / "run"
+    result = run_train([*FAST, "--dataset_name", "uoft-cs/cifar10", "--mixed_precision", "bf16", "--random_flip", "--output_dir", str(out)], **through)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "examples: 120 |" in result.stdout and "precision: bf16" in result.stdout
+    assert hub.requested("/datasets/uoft-cs/cifar10/resolve/") and all("plain_text/" in p or "README" in p or ".py" in p or ".json" in p or ".yaml" in p
+                                                                       for p in hub.requested("/datasets/uoft-cs/cifar10/resolve/"))
+    config = json.loads((out / "training_config.json").read_text())
+    assert config["random_flip"] is True and config["mixed_precision"] == "bf16"
+    unet = json.loads((out / "unet/config.json").read_text())
+    assert (unet["in_channels"], unet["sample_size"]) == (3, 32)
+
+
+def _streaming_args(out, steps: int) -> list[str]:
+    return [*FAST, "--dataset_name", "ylecun/mnist", "--streaming", "--dataloader_num_workers", "2", "--train_batch_size", "16",
+            "--max_train_steps", str(steps), "--checkpointing_steps", "3", "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
+
+
+def test_hub_mnist_streams_several_shards_with_workers_and_resumes_exactly_after_a_kill(hub, through, tmp_path):
+    straight = run_train(_streaming_args(tmp_path / "straight", 18), **through)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    assert len({p for p in hub.requested("/datasets/ylecun/mnist/resolve/") if "/mnist/train-" in p}) == 3  # every shard over HTTP
+    # The same command, killed once a checkpoint is on disk, then run again.
+    out = tmp_path / "killed"
+    process = subprocess.Popen([sys.executable, "train_ddpm.py", *_streaming_args(out, 18)], cwd=REPO, env=cli_env(**through),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while not (out / "checkpoints/checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL and not (out / "unet").exists()  # killed before the end
+    resumed = run_train(_streaming_args(out, 18), **through)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout
+    assert _same_weights(tmp_path / "straight", out)
+
+
+def test_hub_model_pushed_then_sampled_evaluated_and_loaded_by_its_id(hub, through, tmp_path):
+    out = tmp_path / "run"
+    pushed = run_train([*FAST, "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "local-user/tiny-digits"], **through)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    sampled = run_module("ddpm_hf.sample", "local-user/tiny-digits", "--num_images", "2", "--num_inference_steps", "2",
+                         "--grid", str(tmp_path / "grid.png"), **through)
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    assert PIL.Image.open(tmp_path / "grid.png").size[0] > 100
+    assert hub.requested("/local-user/tiny-digits/resolve/") and any(p.endswith(WEIGHTS) for p in hub.requested("/local-user/tiny-digits/resolve/"))
+    scored = run_module("ddpm_hf.evaluate", "local-user/tiny-digits", "--bpd", "--bpd_images", "2", "--bpd_timesteps", "2",
+                        "--report_dir", str(tmp_path / "report"), **through)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    assert json.loads((tmp_path / "report/evaluation.json").read_text())["bits_per_dim"]["bits_per_dim"] > 0
+    loaded = subprocess.run([sys.executable, "-c", "from diffusers import DDPMPipeline; p = DDPMPipeline.from_pretrained('local-user/tiny-digits'); "
+                             "print(type(p).__name__, p.unet.config.sample_size)"], cwd=tmp_path, env=cli_env(**through), capture_output=True, text=True,
+                            timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.split() == ["DDPMPipeline", "28"], loaded.stderr[-2000:]
