@@ -56,7 +56,15 @@ def _call_datasets(description: str, load):
         reason = first_line(e)
         if "corresponds to no data" in reason:  # datasets' words for a split with no rows
             raise UserError(f"the dataset is empty: {description} has no examples in the requested split") from None
-        raise UserError(f"could not load {description}: {type(e).__name__}: {reason}") from None
+        hint = NETWORK_HINT if type(e).__name__ in NETWORK_ERRORS or " 50" in reason[:60] else ""
+        raise UserError(f"could not load {description}: {type(e).__name__}: {reason}{hint}") from None
+
+
+# What httpx, requests and huggingface_hub raise when a transfer is cut off or the server fails.
+NETWORK_ERRORS = {"RemoteProtocolError", "ReadError", "ReadTimeout", "ConnectError", "ConnectTimeout", "ConnectionError", "ChunkedEncodingError",
+                  "IncompleteRead", "HfHubHTTPError"}
+NETWORK_HINT = ("; the download was cut off or the server failed: run the same command again (files downloaded whole stay in the "
+                "cache; a partial one is never used), or once the cache is complete, set HF_HUB_OFFLINE=1")
 
 
 def _is_saved_dataset(path: str) -> bool:

@@ -202,6 +202,20 @@ def save_checkpoint(run, final: bool) -> None:
             run.pusher.push_checkpoint_in_background(path, os.path.join(config.output_dir, HUB_STAGING))
 
 
+def stop_on_data_failure(run, error) -> None:
+    """The data stream broke inside a step. Nothing of that step was applied and the source is back
+    at the step's start, so the last complete step is checkpointed (unless it just was) and the run
+    stops with a one-line error saying how to go on."""
+    step = run.progress.step
+    run.progress_bar.close()
+    existing = dict((s, path) for s, path in checkpoints.list_checkpoints(run.config.output_dir))
+    if step not in existing:
+        save_checkpoint(run, final=True)
+    path = os.path.join(checkpoints.checkpoints_root(run.config.output_dir), f"checkpoint-{step}")
+    raise UserError(f"{error} (during step {step + 1}); the run is checkpointed at step {step} in {path}; "
+                    "run the same command again to resume from there once the data can be read")
+
+
 def interrupted_message(run, signum: int) -> str:
     newest = checkpoints.list_checkpoints(run.config.output_dir)[-1][1]
     return (f"stopped by {signal.Signals(signum).name} after step {run.progress.step}: the checkpoint is {newest}; "

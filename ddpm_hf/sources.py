@@ -23,7 +23,7 @@ import torch
 from .config import TrainingConfig
 from .data import (ImageFormat, class_names_of, decode_in_memory, find_columns, first_examples, image_format_for, labels_and_classes,
                    load_source_dataset, to_uint8_array)
-from .errors import UserError
+from .errors import DataStreamError, UserError, cause_line
 from .seeds import Stream
 from .seeds import generator as seeded_generator
 
@@ -134,6 +134,7 @@ class StreamingImages:
         self.num_classes = len(self.class_names) if self.class_names is not None else None
         self.epoch = 0
         self.consumed = 0
+        self._step_start = (0, 0)
         self._iterator = None
 
     channels = property(lambda self: self.fmt.channels)
@@ -165,24 +166,42 @@ class StreamingImages:
             next(self._iterator)
 
     def next_batch(self, step: int, micro: int, accumulation: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if micro == 0:
+            self._step_start = (self.epoch, self.consumed)
+        try:
+            batch = self._read_batch()
+        except UserError:
+            raise
+        except Exception as e:  # the connection, the server, a worker: the stream broke mid-run
+            # Back to where this step began, so that a checkpoint of the last complete step resumes exactly.
+            (self.epoch, self.consumed), self._iterator = self._step_start, None
+            raise DataStreamError(cause_line(e)) from None
+        self.consumed += len(batch["pixels"])
+        labels = batch["labels"].to(self.device, non_blocking=True) if batch["labels"] is not None else None
+        return batch["pixels"].to(self.device, non_blocking=True), labels
+
+    def _read_batch(self) -> dict:
         if self._iterator is None:
             self._start_epoch()
         try:
-            batch = next(self._iterator)
+            return next(self._iterator)
         except StopIteration:
             if self.consumed == 0:
                 raise UserError(f"the stream has fewer than --train_batch_size ({self.config.train_batch_size}) examples per process") from None
             self.epoch, self.consumed = self.epoch + 1, 0
             self._start_epoch()
-            batch = next(self._iterator)
-        self.consumed += len(batch["pixels"])
-        labels = batch["labels"].to(self.device, non_blocking=True) if batch["labels"] is not None else None
-        return batch["pixels"].to(self.device, non_blocking=True), labels
+            return next(self._iterator)
 
     def preview(self, count: int) -> torch.Tensor:
         """``count`` images from a shuffled look at the stream (for diagnostics), read apart from the training iterator."""
         look = self.dataset.shuffle(seed=self.config.seed, buffer_size=min(1000, self.config.shuffle_buffer_size)).take(count)
-        return torch.from_numpy(np.stack([to_uint8_array(e[self.image_column], self.fmt) for e in look]))
+        try:
+            return torch.from_numpy(np.stack([to_uint8_array(e[self.image_column], self.fmt) for e in look]))
+        except UserError:
+            raise
+        except Exception as e:  # before the first step: nothing to checkpoint, only to say what failed
+            raise UserError(f"reading the training data failed before training started: {cause_line(e)}; run the same command again "
+                            "once the data can be read") from None
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "consumed": self.consumed}

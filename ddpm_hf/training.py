@@ -14,11 +14,12 @@ import torch
 from .config import TrainingConfig
 from .ema import LiveWeights
 from .environment import finish_trackers, release_process_group
+from .errors import DataStreamError
 from .files import write_json
 from .generation import pipeline_for
 from .hub import model_card
 from .interrupts import Interrupted, stop_on_signals
-from .maintenance import Stop, interrupted_message, maintain, stop_before_training
+from .maintenance import Stop, interrupted_message, maintain, stop_before_training, stop_on_data_failure
 from .metrics import peak_memory_bytes, smooth_without_lag
 from .models import count_parameters
 from .run import Run, build_run
@@ -47,7 +48,10 @@ def run_training(config: TrainingConfig, stop_request, cleanup: contextlib.ExitS
         run.model.train()
         stop = stop_before_training(run)
         while stop is None:
-            outcome = optimisation_step(run)
+            try:
+                outcome = optimisation_step(run)
+            except DataStreamError as e:
+                stop_on_data_failure(run, e)
             run.interval.add(run.progress.step + 1, outcome)
             run.progress.step += 1
             run.progress.images_seen += run.images_per_step

@@ -41,6 +41,7 @@ class Fault:
     drop_after: int | None = None
     times: int = 1
     method: str = "GET"
+    active: bool = True  # a test can arm a fault later, once the run it watches has got somewhere
 
 
 class LoopbackHub:
@@ -81,7 +82,7 @@ class LoopbackHub:
     def take_fault(self, method: str, path: str) -> Fault | None:
         with self.lock:
             for fault in self.faults:
-                if fault.times > 0 and fault.method == method and fault.match in path:
+                if fault.active and fault.times > 0 and fault.method == method and fault.match in path:
                     fault.times -= 1
                     return fault
         return None

@@ -5,7 +5,7 @@ import json
 import pytest
 
 from ddpm_hf.checkpoints import NamedState
-from ddpm_hf.errors import first_line
+from ddpm_hf.errors import cause_line, first_line
 from ddpm_hf.files import atomic_path, write_json
 
 
@@ -61,3 +61,12 @@ def test_checkpoint_state_is_saved_and_loaded_by_name():
     assert (progress.value, ema.value) == (3, 7)
     with pytest.raises(ValueError, match="no sampler"):
         NamedState(progress=_Counter(), sampler=_Counter()).load_state_dict(saved)
+
+
+def test_a_dataloader_workers_error_is_quoted_by_its_own_exception_line():
+    relayed = RuntimeError("Caught HfHubHTTPError in DataLoader worker process 1.\nOriginal Traceback (most recent call last):\n"
+                           '  File "x.py", line 1, in f\nhuggingface_hub.errors.HfHubHTTPError: Server error \'500\' for url \'u\'\n'
+                           "For more information check: https://example.org\n\nthe server's own message")
+    assert cause_line(relayed) == "Server error '500' for url 'u'"
+    assert cause_line(ValueError("a plain error\nwith detail")) == "a plain error"
+    assert cause_line(RuntimeError("Caught KeyError in DataLoader worker process 0.")) == "Caught KeyError in DataLoader worker process 0."

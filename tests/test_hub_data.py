@@ -128,3 +128,51 @@ def test_hub_model_pushed_then_sampled_evaluated_and_loaded_by_its_id(hub, throu
                              "print(type(p).__name__, p.unet.config.sample_size)"], cwd=tmp_path, env=cli_env(**through), capture_output=True, text=True,
                             timeout=300)
     assert loaded.returncode == 0 and loaded.stdout.split() == ["DDPMPipeline", "28"], loaded.stderr[-2000:]
+
+
+def test_hub_mnist_download_cut_off_is_retried_and_when_it_keeps_failing_refused_with_nothing_partial_kept(hub, through, tmp_path):
+    hub.faults.append(Fault("train-00001-of-00003.parquet", drop_after=2000, times=1))
+    once = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "once")], **through)
+    assert once.returncode == 0 and "examples: 240 |" in once.stdout, once.stderr[-3000:]
+    statuses = [s for m, p, s in hub.requests if m == "GET" and p.endswith("train-00001-of-00003.parquet")]
+    assert statuses == [-1, 200]  # cut off after 2,000 bytes, then fetched whole
+    # A connection that drops every time: huggingface_hub's retries run out, and the run says what to do.
+    hub.faults.append(Fault("train-00001-of-00003.parquet", drop_after=2000, times=1000))
+    fresh = {**through, "HF_HOME": str(tmp_path / "fresh-cache")}
+    failing = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "failing")], **fresh)
+    assert failing.returncode == 2 and "Traceback" not in failing.stderr
+    last = failing.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not load 'ylecun/mnist' from the Hub: RemoteProtocolError: peer closed connection")
+    assert "run the same command again" in last and "a partial one is never used" in last
+    cached = {p.name: p for p in (tmp_path / "fresh-cache").rglob("*.parquet")}
+    assert "train-00001-of-00003.parquet" not in cached and not list((tmp_path / "fresh-cache").rglob("*.incomplete"))
+    hub.faults.clear()
+    again = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "failing")], **fresh)
+    assert again.returncode == 0 and "examples: 240 |" in again.stdout, again.stderr[-3000:]
+    served = hub.repo_path("datasets", "ylecun/mnist") / "mnist"
+    for path in (tmp_path / "fresh-cache").rglob("train-*.parquet"):
+        assert path.read_bytes() == (served / path.name).read_bytes()  # every cached shard is whole
+
+
+def test_hub_mnist_stream_failing_mid_run_stops_with_a_checkpoint_and_the_same_command_resumes_exactly(hub, through, tmp_path):
+    straight = run_train(_streaming_args(tmp_path / "straight", 18), **through)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    out = tmp_path / "broken"
+    fault = Fault("/mnist/train-", status=500, times=10**6, active=False)
+    hub.faults.append(fault)
+    process = subprocess.Popen([sys.executable, "train_ddpm.py", *_streaming_args(out, 18)], cwd=REPO, env=cli_env(**through),
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 240
+    while not (out / "checkpoints/checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    fault.active = True  # the Hub starts failing while the run streams: the next shard read gets a 500
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 2 and "Traceback" not in stderr, stderr[-3000:]
+    last = stderr.strip().splitlines()[-1]
+    assert last.startswith("error: reading the training data failed: Server error '500") and "the run is checkpointed at step" in last
+    step = int(last.split("the run is checkpointed at step ")[1].split()[0])
+    assert 3 <= step < 18 and (out / f"checkpoints/checkpoint-{step}").is_dir() and not (out / "unet").exists()
+    fault.active = False
+    resumed = run_train(_streaming_args(out, 18), **through)
+    assert resumed.returncode == 0 and f"resumed from {out / 'checkpoints'}/checkpoint-{step}" in resumed.stdout, resumed.stderr[-3000:]
+    assert _same_weights(tmp_path / "straight", out)
