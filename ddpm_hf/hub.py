@@ -111,22 +111,81 @@ class HubPusher:
             info = self.api.upload_folder(repo_id=self.repo_id, folder_path=output_dir, allow_patterns=[*PUSHED_PATTERNS, *extra_files],
                                           commit_message=commit_message)
         except Exception as e:
-            raise UserError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {first_line(e)}; "
-                            f"push it later with `hf upload {self.repo_id} {output_dir}`") from None
+            raise UserError(f"the run is saved in {output_dir}, but pushing it to the Hub failed: {first_line(e)}{_token_hint(e)}; "
+                            f"push it later with `python -m ddpm_hf.push {output_dir} --hub_model_id {self.repo_id}`") from None
         return getattr(info, "commit_url", str(info))
 
 
-def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None) -> str:
-    """README.md for the Hub: metadata (library diffusers, tags, dataset), usage, samples, loss curve, the config."""
-    from huggingface_hub import ModelCardData
+def _token_hint(error: BaseException) -> str:
+    """A refused token (expired, revoked, read-only) is worth naming: the fix is to log in again."""
+    text = first_line(error)
+    if "401" in text or "403" in text or "Invalid credentials" in text:
+        return " (the Hub refused the token: log in again with `hf auth login` or pass a valid --hub_token)"
+    return ""
+
+
+def last_grid_of(output_dir: str) -> str | None:
+    """The newest samples/step_*.png of a run, relative to its folder (pushed with the run for the model card)."""
+    folder = os.path.join(output_dir, "samples")
+    grids = sorted(name for name in os.listdir(folder) if name.startswith("step_") and name.endswith(".png")) if os.path.isdir(folder) else []
+    return f"samples/{grids[-1]}" if grids else None
+
+
+def measured_results(output_dir: str) -> list[dict]:
+    """What the run's model was measured at, newest source first: `python -m ddpm_hf.evaluate`'s
+    evaluation/evaluation.json (FID and bits/dim), else the last evaluation during training.
+    Each: {"metric": "fid" | "bits_per_dim", "name", "value"}."""
+    import json
+
+    def read(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            return {}
+
+    measured = read(os.path.join(output_dir, "evaluation", "evaluation.json"))
+    results = []
+    scores = measured.get("model_scores")
+    if scores and scores.get("fid") is not None:
+        results.append(_fid_result(scores["fid"], measured.get("extractor", ""), scores.get("num_images"), f"{scores.get('sampler', '').upper()} {scores.get('steps')} steps"))
+    if measured.get("bits_per_dim"):
+        bpd = measured["bits_per_dim"]
+        terms = "exact" if bpd.get("exact") else f"{bpd.get('timesteps_per_image')} stratified terms per image"
+        results.append({"metric": "bits_per_dim", "name": f"bits/dim ({terms}, {bpd.get('images')})", "value": round(bpd["bits_per_dim"], 4)})
+    if not scores:  # the last evaluation during training (--eval_steps)
+        try:
+            with open(os.path.join(output_dir, "evaluation.jsonl")) as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError):
+            rows = []
+        if rows and rows[-1].get("fid") is not None:
+            results.insert(0, _fid_result(rows[-1]["fid"], rows[-1].get("extractor", ""), rows[-1].get("num_images"), f"step {rows[-1].get('step')}"))
+    return results
+
+
+def _fid_result(value: float, extractor: str, count, how: str) -> dict:
+    kind = "digit-FID" if extractor.startswith("digits") else "FID"
+    return {"metric": "fid", "name": f"{kind} ({count} samples, {how})", "value": round(float(value), 4)}
+
+
+def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None, measured: list[dict] | None = None) -> str:
+    """README.md for the Hub: metadata (library diffusers, tags, dataset, and the measured results as
+    `model-index`, which the Hub shows), usage, samples, loss curve, results, the config."""
+    from huggingface_hub import EvalResult, ModelCardData
 
     conditional = bool(config.get("class_conditional"))
     dataset = config.get("dataset_name")
     hub_dataset = dataset if dataset and "/" in dataset and not os.path.exists(dataset) and not config.get("train_data_dir") else None
     tags = ["pytorch", "diffusers", "ddpm", "ddpm-hf", "image-generation"]
     tags += ["class-conditional", "classifier-free-guidance"] if conditional else ["unconditional-image-generation"]
+    source = config.get("train_data_dir") or dataset
+    evaluated = [EvalResult(task_type="unconditional-image-generation", task_name="image generation", dataset_type=hub_dataset or str(source),
+                            dataset_name=str(source), dataset_split=config.get("dataset_split"), metric_type=r["metric"],
+                            metric_name=r["name"], metric_value=r["value"]) for r in measured or []]
     card_data = ModelCardData(library_name="diffusers", tags=tags, datasets=[hub_dataset] if hub_dataset else None,
-                              pipeline_tag="unconditional-image-generation")
+                              pipeline_tag="unconditional-image-generation", model_name=repo_id if evaluated else None,
+                              eval_results=evaluated or None)
     class_names = stats.get("class_names") or []
     if conditional:
         examples = [repr(name) for name in class_names[:2]] or ["0", "1"]
@@ -137,7 +196,6 @@ def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None)
         usage = ("from diffusers import DDPMPipeline\n\n"
                  f"pipeline = DDPMPipeline.from_pretrained(\"{repo_id}\")\n"
                  "images = pipeline(batch_size=16, num_inference_steps=1000).images")
-    source = config.get("train_data_dir") or dataset
     lines = [
         f"---\n{card_data.to_yaml()}\n---",
         f"# {repo_id}",
@@ -160,7 +218,8 @@ def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None)
     lines += ["## Training loss", "", "![loss curve](loss_curve.png)", ""]
     results = {k: stats.get(k) for k in ("final_loss_smoothed", "final_val_loss", "best_val_loss", "images_per_s", "train_time_s", "wall_time_s",
                                          "device", "mixed_precision")}
-    lines += ["## Results", "", "| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in results.items() if v is not None] + [""]
+    table = [f"| {k} | {v} |" for k, v in results.items() if v is not None] + [f"| {r['name']} | {r['value']} |" for r in measured or []]
+    lines += ["## Results", "", "| | |", "|---|---|"] + table + [""]
     lines += ["## Training configuration", "", "| option | value |", "|---|---|"]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(config.items()) if k != "hub_token"]
     return "\n".join(lines) + "\n"

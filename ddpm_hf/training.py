@@ -17,7 +17,7 @@ from .environment import finish_trackers, release_process_group
 from .errors import DataStreamError
 from .files import write_json
 from .generation import pipeline_for
-from .hub import model_card
+from .hub import measured_results, model_card
 from .interrupts import Interrupted, stop_on_signals
 from .maintenance import Stop, interrupted_message, maintain, stop_before_training, stop_on_data_failure
 from .metrics import peak_memory_bytes, smooth_without_lag
@@ -201,7 +201,7 @@ def write_card_and_push(run: Run, stats: dict, rewrite_card: bool = True) -> Non
     last_grid = last_grid if os.path.isfile(os.path.join(config.output_dir, last_grid)) else None
     if rewrite_card:
         with open(os.path.join(config.output_dir, "README.md"), "w") as f:
-            f.write(model_card(pusher.repo_id if pusher else config.hub_repo_id, config.to_dict(), stats, last_grid))
+            f.write(model_card(pusher.repo_id if pusher else config.hub_repo_id, config.to_dict(), stats, last_grid, measured_results(config.output_dir)))
     if pusher is not None:
         for failure in pusher.wait_for_checkpoints():
             run.say(f"warning: a checkpoint upload failed: {failure}")

@@ -51,6 +51,7 @@ class LoopbackHub:
         self.faults: list[Fault] = []
         self.valid_tokens: set[str] | None = None  # None: any token (or none) is accepted
         self.gone = False  # every request answers 503, as a Hub outage does
+        self.validated_cards: list[dict] = []  # the metadata of every model card the server checked
         self.lock = threading.Lock()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
@@ -233,8 +234,12 @@ def _handler(hub: LoopbackHub):
                 repo_id = f"{payload.get('organization') or 'local-user'}/{payload['name']}"
                 hub.repo_path(repo_type, repo_id).mkdir(parents=True, exist_ok=True)
                 return self._json(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
-            if parts == ["api", "validate-yaml"]:
-                self._body()
+            if parts == ["api", "validate-yaml"]:  # the Hub checks a card's metadata before a commit that holds it
+                problems, metadata = _check_card(json.loads(self._body()).get("content", ""))
+                if problems:
+                    return self._json(400, {"error": "; ".join(problems), "errors": [{"message": m} for m in problems]})
+                with hub.lock:
+                    hub.validated_cards.append(metadata)
                 return self._json(200, {"warnings": []})
             if len(parts) == 6 and parts[0] == "api" and parts[1] in REPO_TYPES and parts[4] == "preupload":
                 files = json.loads(self._body())["files"]
@@ -261,6 +266,33 @@ def _handler(hub: LoopbackHub):
         do_HEAD = _route
 
     return Handler
+
+
+def _check_card(content: str) -> tuple[list[str], dict | None]:
+    """The Hub's checks of a card's YAML that matter here: it parses, and a model-index is a list of
+    {name, results: [{task: {type}, dataset: {type, name}, metrics: [{type, value}]}]}."""
+    import yaml
+
+    if not content.startswith("---"):
+        return [], None
+    try:
+        metadata = yaml.safe_load(content.split("---")[1]) or {}
+    except yaml.YAMLError as e:
+        return [f"invalid YAML: {e}"], None
+    problems = []
+    for index, model in enumerate(metadata.get("model-index") or []):
+        if not model.get("name"):
+            problems.append(f"model-index[{index}] has no name")
+        for result in model.get("results") or []:
+            if not (result.get("task") or {}).get("type"):
+                problems.append("a model-index result has no task.type")
+            dataset = result.get("dataset") or {}
+            if not (dataset.get("type") and dataset.get("name")):
+                problems.append("a model-index result's dataset needs a type and a name")
+            for metric in result.get("metrics") or []:
+                if not metric.get("type") or not isinstance(metric.get("value"), (int, float)):
+                    problems.append(f"a model-index metric needs a type and a numeric value, got {metric}")
+    return problems, metadata
 
 
 def _listing(files: dict[str, Path], prefix: str, recursive: bool) -> list[dict]:

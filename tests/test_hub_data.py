@@ -176,3 +176,43 @@ def test_hub_mnist_stream_failing_mid_run_stops_with_a_checkpoint_and_the_same_c
     resumed = run_train(_streaming_args(out, 18), **through)
     assert resumed.returncode == 0 and f"resumed from {out / 'checkpoints'}/checkpoint-{step}" in resumed.stdout, resumed.stderr[-3000:]
     assert _same_weights(tmp_path / "straight", out)
+
+
+def _pushed_run(out, repo: str, checkpoints: bool) -> list[str]:
+    return [*FAST, "--max_train_steps", "4", "--checkpointing_steps", "2", "--output_dir", str(out), "--push_to_hub", "--hub_model_id", repo,
+            *(["--push_checkpoints"] if checkpoints else [])]
+
+
+# The Hub gone (503) during the final push (huggingface_hub retries a 503 five times, about 25 s), and
+# a token that expires mid-run (401, not retried) during the checkpoint uploads and the final push.
+@pytest.mark.parametrize("status, checkpoints, says", [(503, False, "Service Unavailable"), (401, True, "the Hub refused the token: log in again")])
+def test_hub_push_failing_mid_run_leaves_a_complete_run_and_the_push_command_pushes_it_later(hub, through, tmp_path, status, checkpoints, says):
+    """The repo is created at the start; then every commit fails."""
+    out, repo = tmp_path / "run", f"local-user/pushed-later-{status}"
+    hub.faults.append(Fault("/commit/", status=status, times=10**6, method="POST"))
+    result = run_train(_pushed_run(out, repo, checkpoints), **through)
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert "done: 4 steps" in result.stdout and ("warning: a checkpoint upload failed" in result.stdout) == checkpoints
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"error: the run is saved in {out}, but pushing it to the Hub failed: ") and says in last
+    assert last.endswith(f"push it later with `python -m ddpm_hf.push {out} --hub_model_id {repo}`")
+    for name in ("model_index.json", WEIGHTS, "train_stats.json", "README.md", "checkpoints/checkpoint-4/model.safetensors"):
+        assert (out / name).is_file(), name  # the local run is complete
+    assert not (hub.repo_path("models", repo) / "model_index.json").exists()
+    hub.faults.clear()
+    measured = run_module("ddpm_hf.evaluate", str(out), "--bpd", "--bpd_images", "2", "--bpd_timesteps", "2", **through)
+    assert measured.returncode == 0, measured.stderr[-3000:]
+    pushed = run_module("ddpm_hf.push", str(out), "--hub_model_id", repo, **through)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    served = hub.repo_path("models", repo)
+    assert (served / WEIGHTS).read_bytes() == (out / WEIGHTS).read_bytes() and (served / "README.md").is_file()
+    # The card carries what evaluate measured as model-index metadata, which the server's YAML check accepted.
+    (metadata,) = [card for card in hub.validated_cards if card.get("model-index", [{}])[0].get("name") == repo]
+    (result,) = metadata["model-index"][0]["results"]
+    assert result["task"]["type"] == "unconditional-image-generation" and result["dataset"]["name"] == "mnist-5k-offline"
+    (metric,) = result["metrics"]
+    bpd = json.loads((out / "evaluation/evaluation.json").read_text())["bits_per_dim"]["bits_per_dim"]
+    assert metric["type"] == "bits_per_dim" and metric["value"] == round(bpd, 4) and "2 stratified terms per image" in metric["name"]
+    assert (served / "samples/step_0000004.png").is_file() and not (served / "checkpoints").exists()
+    refused = run_module("ddpm_hf.push", str(tmp_path), **through)
+    assert refused.returncode == 2 and "holds no finished pipeline" in refused.stderr

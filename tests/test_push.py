@@ -68,3 +68,27 @@ def test_a_refused_repo_fails_before_training(tmp_path, recording_hub):
 def test_push_checkpoints_needs_push_to_hub(tmp_path):
     result = run_train([*FAST, "--output_dir", str(tmp_path / "o"), "--push_checkpoints"])
     assert_one_line_error(result, "--push_checkpoints needs --push_to_hub")
+
+
+def test_the_card_lists_what_was_measured_as_model_index(tmp_path):
+    import yaml
+
+    from ddpm_hf.hub import measured_results, model_card
+
+    from .loopback_hub import _check_card
+
+    (tmp_path / "evaluation").mkdir()
+    (tmp_path / "evaluation/evaluation.json").write_text(json.dumps({
+        "extractor": "digits-v2-abc", "model_scores": {"fid": 20.21234, "num_images": 500, "sampler": "ddpm", "steps": 250},
+        "bits_per_dim": {"bits_per_dim": 2.09578, "exact": False, "timesteps_per_image": 50, "images": "128 training images"}}))
+    results = measured_results(str(tmp_path))
+    assert results == [{"metric": "fid", "name": "digit-FID (500 samples, DDPM 250 steps)", "value": 20.2123},
+                       {"metric": "bits_per_dim", "name": "bits/dim (50 stratified terms per image, 128 training images)", "value": 2.0958}]
+    card = model_card("me/digits", {"dataset_name": "ylecun/mnist", "dataset_split": "train", "model_preset": "tiny"}, {"steps": 10}, None, results)
+    problems, metadata = _check_card(card)
+    assert problems == [] and metadata["model-index"][0]["name"] == "me/digits"
+    metrics = metadata["model-index"][0]["results"][0]["metrics"]
+    assert [(m["type"], m["value"]) for m in metrics] == [("fid", 20.2123), ("bits_per_dim", 2.0958)]
+    assert metadata["model-index"][0]["results"][0]["dataset"] == {"name": "ylecun/mnist", "type": "ylecun/mnist", "split": "train"}
+    assert "| digit-FID (500 samples, DDPM 250 steps) | 20.2123 |" in card
+    assert "model-index" not in yaml.safe_load(model_card("me/x", {}, {}, None).split("---")[1])  # nothing measured: no model-index
