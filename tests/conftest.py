@@ -198,3 +198,4 @@ def recording_hub():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", record
     server.shutdown()
+

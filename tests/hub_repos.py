@@ -20,7 +20,7 @@ def _readme(config: str, splits: list[str], features: str) -> str:
     return f"---\ndataset_info:\n  config_name: {config}\n  features:\n{features}configs:\n- config_name: {config}\n  data_files:\n{files}  default: true\n---\n"
 
 
-def mnist_repo(root: Path, train_rows: int = 240, test_rows: int = 60, train_shards: int = 3, seed: int = 0) -> Path:
+def mnist_repo(root: Path, train_rows: int = 96, test_rows: int = 60, train_shards: int = 3, seed: int = 0) -> Path:
     """datasets/ylecun/mnist: mnist/{train,test}-*.parquet, ``image`` (Image, 28x28 L) and ``label`` (ClassLabel 0..9)."""
     folder = root / "datasets" / "ylecun" / "mnist"
     rng = np.random.default_rng(seed)

@@ -29,17 +29,29 @@ def hub(tmp_path_factory):
     mnist_repo(root)
     cifar10_repo(root)
     server = LoopbackHub(root)
+    server.shared_cache = tmp_path_factory.mktemp("hf-home")
     yield server
     server.close()
 
 
 @pytest.fixture
-def through(hub, tmp_path):
-    """The environment of a command that talks to the loopback Hub, with a cache of its own; the request log starts empty."""
+def through(hub):
+    """The environment of a command that talks to the loopback Hub; the request log starts empty. The
+    Hugging Face cache is shared by the module's tests (so their commands share one zygote, see
+    forked_cli.py); a test about downloading gives its commands a fresh one."""
     hub.requests.clear()
     hub.faults.clear()
     hub.gone, hub.valid_tokens = False, None
-    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_TOKEN": "hf_loopback"}
+    return {"HF_ENDPOINT": hub.url, "HF_HOME": str(hub.shared_cache), "HF_TOKEN": "hf_loopback"}
+
+
+@pytest.fixture(scope="module")
+def streamed_straight(hub, tmp_path_factory):
+    """An uninterrupted streaming run: the weights an interrupted one must end with."""
+    out = tmp_path_factory.mktemp("streamed") / "straight"
+    result = run_train(_streaming_args(out, STREAM_STEPS), HF_ENDPOINT=hub.url, HF_HOME=str(hub.shared_cache), HF_TOKEN="hf_loopback")
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
 
 
 def _same_weights(a, b) -> bool:
@@ -48,9 +60,10 @@ def _same_weights(a, b) -> bool:
 
 
 def test_hub_mnist_is_downloaded_trained_on_and_a_second_run_offline_asks_nothing(hub, through, tmp_path):
+    through = {**through, "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache: everything must come over HTTP
     first = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "online")], **through)
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "examples: 240 |" in first.stdout
+    assert "examples: 96 |" in first.stdout
     shards = sorted({p.rsplit("/", 1)[-1] for p in hub.requested("/datasets/ylecun/mnist/resolve/") if p.endswith(".parquet")})
     assert shards == ["test-00000-of-00001.parquet"] + [f"train-0000{i}-of-00003.parquet" for i in range(3)]  # datasets prepares every split
     assert hub.requested("/api/datasets/ylecun/mnist")  # the repo info came from the server too
@@ -87,28 +100,29 @@ def test_hub_cifar10_trains_in_bf16_with_random_flips(hub, through, tmp_path):
     assert (unet["in_channels"], unet["sample_size"]) == (3, 32)
 
 
+STREAM_STEPS = 9  # 96 examples in batches of 16: 6 steps an epoch, so the run reads every shard twice
+
+
 def _streaming_args(out, steps: int) -> list[str]:
     return [*FAST, "--dataset_name", "ylecun/mnist", "--streaming", "--dataloader_num_workers", "2", "--train_batch_size", "16",
             "--max_train_steps", str(steps), "--checkpointing_steps", "3", "--output_dir", str(out), "--resume_from_checkpoint", "latest"]
 
 
-def test_hub_mnist_streams_several_shards_with_workers_and_resumes_exactly_after_a_kill(hub, through, tmp_path):
-    straight = run_train(_streaming_args(tmp_path / "straight", 18), **through)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-    assert len({p for p in hub.requested("/datasets/ylecun/mnist/resolve/") if "/mnist/train-" in p}) == 3  # every shard over HTTP
-    # The same command, killed once a checkpoint is on disk, then run again.
+def test_hub_mnist_streams_several_shards_with_workers_and_resumes_exactly_after_a_kill(hub, through, streamed_straight, tmp_path):
+    # The same command as the straight run, killed once a checkpoint is on disk, then run again.
     out = tmp_path / "killed"
-    process = subprocess.Popen([sys.executable, "train_ddpm.py", *_streaming_args(out, 18)], cwd=REPO, env=cli_env(**through),
+    process = subprocess.Popen([sys.executable, "train_ddpm.py", *_streaming_args(out, STREAM_STEPS)], cwd=REPO, env=cli_env(**through),
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 240
     while not (out / "checkpoints/checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGKILL)
     assert process.wait() == -signal.SIGKILL and not (out / "unet").exists()  # killed before the end
-    resumed = run_train(_streaming_args(out, 18), **through)
+    resumed = run_train(_streaming_args(out, STREAM_STEPS), **through)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout
-    assert _same_weights(tmp_path / "straight", out)
+    assert len({p for p in hub.requested("/datasets/ylecun/mnist/resolve/") if "/mnist/train-" in p}) == 3  # every shard over HTTP
+    assert _same_weights(streamed_straight, out)
 
 
 def test_hub_model_pushed_then_sampled_evaluated_and_loaded_by_its_id(hub, through, tmp_path):
@@ -131,9 +145,10 @@ def test_hub_model_pushed_then_sampled_evaluated_and_loaded_by_its_id(hub, throu
 
 
 def test_hub_mnist_download_cut_off_is_retried_and_when_it_keeps_failing_refused_with_nothing_partial_kept(hub, through, tmp_path):
+    through = {**through, "HF_HOME": str(tmp_path / "hf-home")}  # an empty cache: the cut-off file must be downloaded
     hub.faults.append(Fault("train-00001-of-00003.parquet", drop_after=2000, times=1))
     once = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "once")], **through)
-    assert once.returncode == 0 and "examples: 240 |" in once.stdout, once.stderr[-3000:]
+    assert once.returncode == 0 and "examples: 96 |" in once.stdout, once.stderr[-3000:]
     statuses = [s for m, p, s in hub.requests if m == "GET" and p.endswith("train-00001-of-00003.parquet")]
     assert statuses == [-1, 200]  # cut off after 2,000 bytes, then fetched whole
     # A connection that drops every time: huggingface_hub's retries run out, and the run says what to do.
@@ -148,19 +163,17 @@ def test_hub_mnist_download_cut_off_is_retried_and_when_it_keeps_failing_refused
     assert "train-00001-of-00003.parquet" not in cached and not list((tmp_path / "fresh-cache").rglob("*.incomplete"))
     hub.faults.clear()
     again = run_train([*FAST, "--dataset_name", "ylecun/mnist", "--output_dir", str(tmp_path / "failing")], **fresh)
-    assert again.returncode == 0 and "examples: 240 |" in again.stdout, again.stderr[-3000:]
+    assert again.returncode == 0 and "examples: 96 |" in again.stdout, again.stderr[-3000:]
     served = hub.repo_path("datasets", "ylecun/mnist") / "mnist"
     for path in (tmp_path / "fresh-cache").rglob("train-*.parquet"):
         assert path.read_bytes() == (served / path.name).read_bytes()  # every cached shard is whole
 
 
-def test_hub_mnist_stream_failing_mid_run_stops_with_a_checkpoint_and_the_same_command_resumes_exactly(hub, through, tmp_path):
-    straight = run_train(_streaming_args(tmp_path / "straight", 18), **through)
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def test_hub_mnist_stream_failing_mid_run_stops_with_a_checkpoint_and_the_same_command_resumes_exactly(hub, through, streamed_straight, tmp_path):
     out = tmp_path / "broken"
     fault = Fault("/mnist/train-", status=500, times=10**6, active=False)
     hub.faults.append(fault)
-    process = subprocess.Popen([sys.executable, "train_ddpm.py", *_streaming_args(out, 18)], cwd=REPO, env=cli_env(**through),
+    process = subprocess.Popen([sys.executable, "train_ddpm.py", *_streaming_args(out, STREAM_STEPS)], cwd=REPO, env=cli_env(**through),
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 240
     while not (out / "checkpoints/checkpoint-3").is_dir() and process.poll() is None and time.time() < deadline:
@@ -171,11 +184,11 @@ def test_hub_mnist_stream_failing_mid_run_stops_with_a_checkpoint_and_the_same_c
     last = stderr.strip().splitlines()[-1]
     assert last.startswith("error: reading the training data failed: Server error '500") and "the run is checkpointed at step" in last
     step = int(last.split("the run is checkpointed at step ")[1].split()[0])
-    assert 3 <= step < 18 and (out / f"checkpoints/checkpoint-{step}").is_dir() and not (out / "unet").exists()
+    assert 3 <= step < STREAM_STEPS and (out / f"checkpoints/checkpoint-{step}").is_dir() and not (out / "unet").exists()
     fault.active = False
-    resumed = run_train(_streaming_args(out, 18), **through)
+    resumed = run_train(_streaming_args(out, STREAM_STEPS), **through)
     assert resumed.returncode == 0 and f"resumed from {out / 'checkpoints'}/checkpoint-{step}" in resumed.stdout, resumed.stderr[-3000:]
-    assert _same_weights(tmp_path / "straight", out)
+    assert _same_weights(streamed_straight, out)
 
 
 def _pushed_run(out, repo: str, checkpoints: bool) -> list[str]:
@@ -183,8 +196,9 @@ def _pushed_run(out, repo: str, checkpoints: bool) -> list[str]:
             *(["--push_checkpoints"] if checkpoints else [])]
 
 
-# The Hub gone (503) during the final push (huggingface_hub retries a 503 five times, about 25 s), and
-# a token that expires mid-run (401, not retried) during the checkpoint uploads and the final push.
+# The Hub gone (503) during the final push (huggingface_hub retries a commit five times, about 25 s of
+# waiting each, so the checkpoint uploads are left to the next case), and a token that expires
+# mid-run (401, not retried) during the checkpoint uploads and the final push.
 @pytest.mark.parametrize("status, checkpoints, says", [(503, False, "Service Unavailable"), (401, True, "the Hub refused the token: log in again")])
 def test_hub_push_failing_mid_run_leaves_a_complete_run_and_the_push_command_pushes_it_later(hub, through, tmp_path, status, checkpoints, says):
     """The repo is created at the start; then every commit fails."""
