@@ -19,6 +19,7 @@ import numpy as np
 import PIL.Image
 
 from .errors import UserError
+from .files import read_json
 from .metrics import EVALUATION_FILE, METRICS_FILE, VALIDATION_FILE, MetricsLog
 from .reports import write_csv, write_markdown
 
@@ -51,18 +52,10 @@ class RunRecord:
             step = int(os.path.basename(csv_path)[len("timestep_loss_step_"):-len(".csv")])
             profiles[step] = _read_csv(csv_path)
         grids = sorted(glob.glob(os.path.join(path, "samples", "step_*.png")))
-        return cls(name=name, path=path, config=_read_json(config_path), stats=_read_json(os.path.join(path, "train_stats.json")),
+        return cls(name=name, path=path, config=read_json(config_path), stats=read_json(os.path.join(path, "train_stats.json")),
                    metrics=MetricsLog(path, METRICS_FILE).read(), validation=MetricsLog(path, VALIDATION_FILE).read(),
-                   evaluation=_read_json(os.path.join(path, "evaluation", "evaluation.json")), profiles=dict(sorted(profiles.items())),
+                   evaluation=read_json(os.path.join(path, "evaluation", "evaluation.json")), profiles=dict(sorted(profiles.items())),
                    last_grid=grids[-1] if grids else None)
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 def _read_csv(path: str) -> list[dict]:

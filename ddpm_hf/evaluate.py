@@ -146,11 +146,7 @@ def main(argv=None) -> None:
         interpolation_grid(unet, scheduler_config, args.interpolation_grid, seed=args.seed, guidance_scale=args.guidance_scale, device=device)
     # One file per model: a later measurement (bits/dim after FID) adds its keys to the earlier ones.
     path = os.path.join(report_dir, "evaluation.json")
-    try:
-        earlier = read_json(path)
-    except (OSError, ValueError):  # none yet, or unreadable: this run's results stand alone
-        earlier = {}
-    write_json(path, {**earlier, **results})
+    write_json(path, {**read_json(path), **results})
     print(json.dumps(results, indent=2))
 
 

@@ -81,5 +81,10 @@ def write_json(path: str, values: dict) -> None:
 
 
 def read_json(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    """The JSON object in ``path``, or {} when there is none or it cannot be read: the callers read a
+    run's records (statistics, evaluations, configs), any of which may not exist yet."""
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return {}

@@ -137,14 +137,9 @@ def measured_results(output_dir: str) -> list[dict]:
     Each: {"metric": "fid" | "bits_per_dim", "name", "value"}."""
     import json
 
-    def read(path):
-        try:
-            with open(path) as f:
-                return json.load(f)
-        except (OSError, ValueError):
-            return {}
+    from .files import read_json
 
-    measured = read(os.path.join(output_dir, "evaluation", "evaluation.json"))
+    measured = read_json(os.path.join(output_dir, "evaluation", "evaluation.json"))
     results = []
     scores = measured.get("model_scores")
     if scores and scores.get("fid") is not None:

@@ -7,12 +7,12 @@ push failed; ``--checkpoints`` adds every checkpoint. Training runs on; this onl
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
 from .cli import OneLineArgumentParser, run_command
 from .errors import UserError
+from .files import read_json
 
 
 def parse_args(argv=None):
@@ -33,25 +33,17 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     from .hub import HubPusher, last_grid_of, measured_results, model_card
 
-    saved = _read_json(os.path.join(args.output_dir, "training_config.json"))
+    saved = read_json(os.path.join(args.output_dir, "training_config.json"))
     repo_id = args.hub_model_id or saved.get("hub_model_id") or os.path.basename(os.path.normpath(args.output_dir))
     pusher = HubPusher(repo_id, args.hub_token, args.hub_private_repo)
     grid = last_grid_of(args.output_dir)
-    stats = _read_json(os.path.join(args.output_dir, "train_stats.json"))
+    stats = read_json(os.path.join(args.output_dir, "train_stats.json"))
     if saved and stats:  # the card again, with what was measured since training (evaluate's FID and bits/dim)
         with open(os.path.join(args.output_dir, "README.md"), "w") as f:
             f.write(model_card(pusher.repo_id, saved, stats, grid, measured_results(args.output_dir)))
     extra = tuple(p for p in (grid, "checkpoints/**" if args.checkpoints else None) if p)
     url = pusher.push_run(args.output_dir, f"Training run pushed from {os.path.basename(os.path.normpath(args.output_dir))}", extra)
     print(f"pushed {args.output_dir} to the Hub: {url}")
-
-
-def _read_json(path: str) -> dict:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return {}
 
 
 if __name__ == "__main__":

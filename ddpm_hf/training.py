@@ -5,7 +5,6 @@ Read `train` top to bottom; the step is in step.py, the jobs between steps in ma
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 
@@ -15,7 +14,7 @@ from .config import TrainingConfig
 from .ema import LiveWeights
 from .environment import finish_trackers, release_process_group
 from .errors import DataStreamError
-from .files import write_json
+from .files import read_json, write_json
 from .generation import pipeline_for
 from .hub import measured_results, model_card
 from .interrupts import Interrupted, stop_on_signals
@@ -85,8 +84,8 @@ def finish(run: Run) -> dict:
     stats_path = os.path.join(config.output_dir, "train_stats.json")
     stats = {}
     if accelerator.is_main_process:
-        saved = _saved_statistics(stats_path)
-        finished_before = run.images_this_run == 0 and saved is not None and saved.get("steps") == run.progress.step
+        saved = read_json(stats_path)  # {} when there is none yet
+        finished_before = run.images_this_run == 0 and saved.get("steps") == run.progress.step
         if finished_before:
             stats = saved
             accelerator.print(f"{config.output_dir} holds this run, finished at step {run.progress.step}: nothing to train; "
@@ -120,15 +119,6 @@ def save_weight_choices(run: Run) -> None:
         pipeline = pipeline_for(run.sampling_unet.eval(), run.noise_scheduler, run.data.class_names)
         pipeline.save_pretrained(os.path.join(config.output_dir, WEIGHTS_DIR, name), safe_serialization=True)
     write_json(os.path.join(config.output_dir, WEIGHTS_INDEX), weights_index(ema_name(config.ema_max_decay), [name for name, _ in choices]))
-
-
-def _saved_statistics(stats_path: str) -> dict | None:
-    """A run's train_stats.json, or None when there is none (or it is unreadable)."""
-    try:
-        with open(stats_path) as f:
-            return json.load(f)
-    except (OSError, ValueError):
-        return None
 
 
 @torch.no_grad()
