@@ -140,6 +140,9 @@ def main(argv=None) -> None:
                                                    steps_list=args.sampler_steps, guidance_scale=args.guidance_scale, device=device)
     if args.bpd:
         per_image = None if args.bpd_timesteps == "all" else int(args.bpd_timesteps)
+        T = scheduler_config["num_train_timesteps"]
+        if per_image is not None and per_image > T:  # checked before the held-out images are loaded
+            raise UserError(f"--bpd_timesteps {per_image} is more than the model's {T} timesteps; use --bpd_timesteps all for the exact bound")
         held_out, description = held_out_images(config, args.bpd_split, args.bpd_images, args.seed, device)
         results["bits_per_dim"] = bits_per_dim_report(unet, scheduler_config, held_out, description, per_image, args.batch_size, args.seed, report_dir)
     if args.interpolation_grid:

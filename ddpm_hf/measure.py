@@ -38,8 +38,6 @@ def bits_per_dim_report(unet, scheduler_config, held_out: ValidationImages, desc
     except ValueError as e:
         raise UserError(f"--bpd: {e}") from None
     T = bound.schedule.num_timesteps
-    if timesteps_per_image is not None and timesteps_per_image > T:
-        raise UserError(f"--bpd_timesteps {timesteps_per_image} is more than the model's {T} timesteps; use --bpd_timesteps all for the exact bound")
     conditional = bool(unet.config.num_class_embeds)
     if conditional and held_out.labels is None:
         raise UserError("--bpd on a class-conditional model needs labelled held-out images; the chosen images have no labels")
