@@ -23,10 +23,25 @@ from .errors import UserError, first_line
 from .pipeline import ClassConditionalDDPMPipeline, guided_prediction
 from .seeds import Stream, generator
 
+class ConsistentDDIMScheduler(DDIMScheduler):
+    """DDIM that, when it clips the predicted x0 (``clip_sample``, on in every DDPM config we write),
+    re-derives the noise from the clipped x0 before stepping, as improved-diffusion's ``ddim_sample``
+    does. diffusers' default (``use_clipped_model_output=False``) steps with the clipped x0 but the
+    network's unclipped noise: the pair no longer describes one trajectory, and the error adds up
+    with every step. On our 1,100-step quick-start model that drew grey backgrounds and mostly 1s
+    at 1,000 steps while the consistent form draws the same digits at 50 or 1,000 steps
+    (studies/ddim/RESULTS.md). Used only for sampling; saved pipelines keep DDPMScheduler."""
+
+    def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool | None = None, **options):
+        # DDIMPipeline passes None when its caller says nothing: that means "ours", not "off".
+        consistent = True if use_clipped_model_output is None else use_clipped_model_output
+        return super().step(model_output, timestep, sample, eta=eta, use_clipped_model_output=consistent, **options)
+
+
 # Samplers a DDPM-trained network can use without retraining, on the training schedule (named in sample.py too).
 SCHEDULERS = {
     "ddpm": lambda config: DDPMScheduler.from_config(config),
-    "ddim": lambda config: DDIMScheduler.from_config(config),
+    "ddim": lambda config: ConsistentDDIMScheduler.from_config(config),
     "dpm++": lambda config: DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++"),
 }
 

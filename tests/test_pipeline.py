@@ -81,3 +81,26 @@ def test_bad_class_labels_are_refused(unet):
         pipeline([NUM_CLASSES], num_inference_steps=1)  # the null class is not a class to draw
     with pytest.raises(ValueError, match="guidance_scale"):
         pipeline([0], guidance_scale=-1, num_inference_steps=1)
+
+
+@pytest.mark.parametrize("pass_none", [False, True], ids=["scheduler-default", "as-DDIMPipeline-calls-it"])
+def test_ddim_draws_the_same_background_at_50_and_1000_steps_from_a_net_that_overestimates_the_noise(pass_none):
+    """An undertrained net's typical error: the noise of a black background (-1) predicted 5% too
+    large. Its x0 then lies far below -1 at high noise and is clipped every step. diffusers' DDIM
+    default (clipped x0, unclipped noise) drifts: 50 steps end at -0.9999, 1000 steps at -0.0937,
+    a grey background (what our DDIM-1000 grids showed). Re-deriving the noise from the clipped x0
+    keeps the background black at both lengths."""
+    from ddpm_hf.generation import SCHEDULERS
+
+    config = DDPMScheduler(num_train_timesteps=1000).config  # clip_sample on, as every run writes it
+    background = -1.0
+    for steps in (50, 1000):
+        scheduler = SCHEDULERS["ddim"](config)
+        scheduler.set_timesteps(steps)
+        x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+        for t in scheduler.timesteps:
+            alpha_bar = scheduler.alphas_cumprod[t].double()
+            noise = 1.05 * (x - alpha_bar.sqrt() * background) / (1 - alpha_bar).sqrt()
+            options = {"use_clipped_model_output": None} if pass_none else {}
+            x = scheduler.step(noise, t, x, **options).prev_sample
+        assert x.mean().item() == pytest.approx(background, abs=1e-3), f"DDIM-{steps}"
