@@ -167,7 +167,22 @@ def measure_sampling(preset: str, count: int, ddpm_steps_timed: int = 1000) -> d
     return result
 
 
-def _in_fresh_process(kind: str, preset: str, precision: str, batch_size: int, steps: int, warmup: int, options: str = "fused") -> dict:
+def measure_one(kind: str, preset: str, precision: str, batch_size: int, steps: int, warmup: int, options: str = "fused") -> dict:
+    """One measurement in this process: ``kind`` is limit, trainer or sampling (``steps``: DDPM steps timed, 0 for all)."""
+    if kind == "limit":
+        return measure_limit(preset, precision, batch_size, steps, warmup, set(options.split(",")))
+    if kind == "trainer":
+        return measure_trainer(preset, precision, batch_size, steps, set(options.split(",")))
+    return measure_sampling(preset, batch_size, steps or 1000)
+
+
+def measure(kind: str, preset: str, precision: str, batch_size: int, steps: int, warmup: int, options: str = "fused",
+            fresh: bool = True) -> dict:
+    """One measurement, by default in a fresh interpreter so that none inherits another's allocator
+    state, threads or compiled graphs. --short measures in this process: it checks that the code
+    runs, not its figures, and two interpreter start-ups were most of its time."""
+    if not fresh:
+        return measure_one(kind, preset, precision, batch_size, steps, warmup, options)
     command = [sys.executable, os.path.abspath(__file__), "--_one", kind, preset, precision, str(batch_size), str(steps), str(warmup), options]
     result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if result.returncode != 0:
@@ -194,12 +209,7 @@ def main() -> int:
 
     if args._one:
         kind, preset, precision, batch_size, steps, warmup, options = args._one
-        if kind == "limit":
-            print(json.dumps(measure_limit(preset, precision, int(batch_size), int(steps), int(warmup), set(options.split(",")))))
-        elif kind == "trainer":
-            print(json.dumps(measure_trainer(preset, precision, int(batch_size), int(steps), set(options.split(",")))))
-        else:
-            print(json.dumps(measure_sampling(preset, int(batch_size), int(steps) or 1000)))
+        print(json.dumps(measure_one(kind, preset, precision, int(batch_size), int(steps), int(warmup), options)))
         return 0
 
     import torch
@@ -221,8 +231,8 @@ def main() -> int:
     for preset, precision, options in itertools.product(presets, precisions, variants):
         limits, trainers = [], []
         for _ in range(rounds):
-            limits.append(_in_fresh_process("limit", preset, precision, batch_size, steps, INTERVAL if not args.short else 2, options))
-            trainers.append(_in_fresh_process("trainer", preset, precision, batch_size, steps, 0, options))
+            limits.append(measure("limit", preset, precision, batch_size, steps, INTERVAL if not args.short else 2, options, fresh=not args.short))
+            trainers.append(measure("trainer", preset, precision, batch_size, steps, 0, options, fresh=not args.short))
         limit, trainer = best_of_rounds(limits), best_of_rounds(trainers)
         ratio = trainer["images_per_s"] / limit["images_per_s"]
         row = {"preset": preset, "precision": precision, "step_options": options, "batch_size": batch_size,
@@ -231,7 +241,7 @@ def main() -> int:
         print(f"{preset:<8} {precision:<9} {options:<28} {limit['images_per_s']:>12.1f} {trainer['images_per_s']:>14.1f} {ratio:>6.3f} "
               f"{limit['peak_memory_bytes'] / 2**20:>14.0f} {trainer['peak_memory_bytes'] / 2**20:>16.0f}", flush=True)
     # --short times 50 of DDPM's 1000 steps and scales (the 1000 network calls were most of its time).
-    sampling = {preset: _in_fresh_process("sampling", preset, "fp32", 2 if args.short else args.sampling_images, 50 if args.short else 0, 0)
+    sampling = {preset: measure("sampling", preset, "fp32", 2 if args.short else args.sampling_images, 50 if args.short else 0, 0, fresh=not args.short)
                 for preset in presets}
     for preset, figures in sampling.items():
         print(f"sampling {preset}: DDIM-50 {figures['ddim_50_images_per_s']:.2f} img/s, DDPM-1000 {figures['ddpm_1000_images_per_s']:.3f} img/s")
