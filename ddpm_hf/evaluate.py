@@ -30,9 +30,9 @@ from .config import OFFLINE_MNIST, TrainingConfig, config_from_dict
 from .errors import UserError
 from .features import DigitFeatures
 from .files import read_json, write_json
-from .generation import default_device, default_steps, interpolation_grid, load_unet_and_schedule
+from .generation import SCHEDULERS, default_device, default_steps, interpolation_grid, load_unet_and_schedule
 from .measure import bits_per_dim_report, guidance_sweep, sample_and_score
-from .scoring import COMPARE_STEPS, DEFAULT_CACHE, Evaluator, compare_samplers, noise_images, reference_name
+from .scoring import COMPARE_SCHEDULERS, COMPARE_STEPS, DEFAULT_CACHE, Evaluator, compare_samplers, noise_images, reference_name
 from .sources import held_out_images
 from .weights import resolve_weights
 
@@ -61,8 +61,9 @@ def parse_args(argv=None):
     parser.add_argument("--cache_dir", default=os.environ.get("DDPM_HF_CACHE", DEFAULT_CACHE), help="classifier and reference statistics cache")
     parser.add_argument("--noise_baseline", action="store_true", help="also score images of pure Gaussian noise")
     parser.add_argument("--compare-samplers", "--compare_samplers", dest="compare_samplers", action="store_true",
-                        help="DDPM and DDIM at --sampler_steps: seconds per image and FID")
+                        help="each of --samplers at each of --sampler_steps: seconds per image and FID")
     parser.add_argument("--sampler_steps", type=int, nargs="+", default=list(COMPARE_STEPS))
+    parser.add_argument("--samplers", nargs="+", choices=list(SCHEDULERS), default=list(COMPARE_SCHEDULERS), help="samplers --compare-samplers runs")
     parser.add_argument("--interpolation_grid", default=None, help="write a slerp interpolation grid (DDIM, eta 0) to this PNG")
     parser.add_argument("--fid", action="store_true", help="FID and classifier scores (the default when no other measurement is asked for)")
     parser.add_argument("--guidance_scales", default=None, help="conditional models: sweep classifier-free guidance over these scales, "
@@ -137,7 +138,7 @@ def main(argv=None) -> None:
             results["noise_scores"] = evaluator.score(noise_images(args.num_samples, channels, resolution, args.seed))
         if args.compare_samplers:
             results["samplers"] = compare_samplers(unet, scheduler_config, evaluator, args.num_samples, args.batch_size, args.seed, report_dir,
-                                                   steps_list=args.sampler_steps, guidance_scale=args.guidance_scale, device=device)
+                                                   schedulers=args.samplers, steps_list=args.sampler_steps, guidance_scale=args.guidance_scale, device=device)
     if args.bpd:
         per_image = None if args.bpd_timesteps == "all" else int(args.bpd_timesteps)
         T = scheduler_config["num_train_timesteps"]

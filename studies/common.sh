@@ -20,7 +20,7 @@ EVAL_SAMPLER=(--scheduler ddpm --num_inference_steps 50)
 # re-saves its pipeline (the config resumes from `latest`).
 train() {
     local out=$1; shift
-    "$PY" train_ddpm.py configs/mnist-5k-cpu.yaml --output_dir "$out" --max_train_steps "$STEPS" \
+    "$PY" train_ddpm.py "${CONFIG:-configs/mnist-5k-cpu.yaml}" --output_dir "$out" --max_train_steps "$STEPS" \
         --validation_split 0.1 --validation_steps 100 --save_images_steps 0 --checkpointing_steps 250 \
         --report_to none "$@"
 }

@@ -196,15 +196,15 @@ def test_sample_command_refuses_a_missing_folder(tmp_path):
 def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_interpolates(unconditional_model, tmp_path, shared_evaluation_cache):
     cache, report = shared_evaluation_cache, tmp_path / "report"  # the session's classifier, trained on all the digits
     args = [str(unconditional_model), "--num_samples", "12", "--batch_size", "12", "--num_inference_steps", "2", "--report_dir", str(report), "--noise_baseline", "--compare-samplers", "--sampler_steps", "2", "4",
-            "--interpolation_grid", str(tmp_path / "interp.png")]
+            "--samplers", "ddpm", "dpm++", "--interpolation_grid", str(tmp_path / "interp.png")]
     result = _command("ddpm_hf.evaluate", *args)
     assert result.returncode == 0, result.stderr[-3000:]
     results = json.loads((report / "evaluation.json").read_text())
     assert results["reference"] == "mnist-5k-offline-train" and results["extractor"].startswith("digits-")
     for key in ("model_scores", "noise_scores"):
         assert results[key]["fid"] > 0 and 0 <= results[key]["mean_confidence"] <= 1 and 0 <= results[key]["class_entropy_bits"] <= results[key]["max_entropy_bits"]
-    assert [(r["sampler"], r["steps"]) for r in results["samplers"]] == [("ddpm", 2), ("ddpm", 4), ("ddim", 2), ("ddim", 4)]
-    assert "| ddim | 4 |" in (report / "samplers.md").read_text()
+    assert [(r["sampler"], r["steps"]) for r in results["samplers"]] == [("ddpm", 2), ("ddpm", 4), ("dpm++", 2), ("dpm++", 4)]
+    assert "| dpm++ | 4 |" in (report / "samplers.md").read_text()
     assert (report / "samplers.csv").read_text().startswith("sampler,steps,seconds_per_image,fid")
     assert PIL.Image.open(report / "samplers.png").size[0] > 400
     assert PIL.Image.open(tmp_path / "interp.png").size == (2 + 8 * 86, 2 + 4 * 86)

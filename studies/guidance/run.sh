@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Study 5: classifier-free guidance. Four class-conditional arms, identical apart from
+# p_uncond (--cond_drop_prob: 0, 0.1, 0.2, 0.5), each swept over the guidance scale s from 0 to
+# 10 (FID, confidence, label accuracy and within-class precision/recall at each s).
+#   bash studies/guidance/run.sh          (about 30 minutes on 2 CPU cores)
+source "$(dirname "$0")/../common.sh"
+RUNS=${RUNS:-studies/guidance/runs}
+SCALES=${SCALES:-0,1,2,3,5,10}
+GUIDANCE_SAMPLES=${GUIDANCE_SAMPLES:-200}   # 20 per digit at each scale
+export CONFIG=configs/mnist-5k-cond-cpu.yaml
+for p in 0 0.1 0.2 0.5; do
+    train "$RUNS/p$p" --cond_drop_prob "$p" --early_stopping_patience 1000
+    "$PY" -m ddpm_hf.evaluate "$RUNS/p$p" --guidance_scales "$SCALES" --num_samples "$GUIDANCE_SAMPLES" --batch_size 100 "${EVAL_SAMPLER[@]}"
+done
+"$PY" -m ddpm_hf.compare "$RUNS"/p{0,0.1,0.2,0.5} --out studies/guidance/report
