@@ -142,6 +142,17 @@ def check_nonfinite_steps(run, summary) -> None:
         )
 
 
+# Pixels per sampling batch at which a small net's throughput levels off (measured on 2 CPU
+# cores: 28-px digits drew 3.5x faster per image in batches of 100 than of 16).
+EVALUATION_BATCH_PIXELS = 100 * 28 * 28
+
+
+def evaluation_batch_size(config, sample_size: int) -> int:
+    """Images per sampling batch for an evaluation: the grid's batch, raised for small images up to
+    about EVALUATION_BATCH_PIXELS (the images do not depend on the batch size, only on their seeds)."""
+    return max(config.eval_batch_size, min(config.eval_num_samples, EVALUATION_BATCH_PIXELS // sample_size**2))
+
+
 def evaluate(run, final: bool) -> None:
     """FID and classifier scores of --eval_num_samples images (sampling weights) at --eval_steps and at the end."""
     config, progress = run.config, run.progress
@@ -152,7 +163,8 @@ def evaluate(run, final: bool) -> None:
         started = time.perf_counter()
         pipeline = build_pipeline(run.sampling_weights(), run.noise_scheduler.config, config.sampler, run.device)
         labels = torch.arange(config.eval_num_samples) % run.data.num_classes if config.class_conditional else None
-        images = draw_images(pipeline, config.eval_num_samples, config.eval_batch_size, config.grid_inference_steps, config.seed,
+        images = draw_images(pipeline, config.eval_num_samples, evaluation_batch_size(config, run.unet.config.sample_size),
+                             config.grid_inference_steps, config.seed,
                              class_labels=labels, guidance_scale=config.guidance_scale, progress=False)
         score = run.evaluator.score(images)
         scores = {**{k: score[k] for k in ("fid", "mean_confidence", "class_entropy_bits") if k in score},

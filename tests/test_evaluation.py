@@ -310,3 +310,12 @@ def test_evaluate_sweeps_guidance_with_quality_and_diversity_per_scale(condition
     assert PIL.Image.open(tmp_path / "guidance.png").size[0] > 1000
     unconditional = _command("ddpm_hf.evaluate", str(tmp_path), "--guidance_scales", "x")
     assert unconditional.returncode == 2 and "--guidance_scales takes numbers separated by commas" in unconditional.stderr
+
+
+def test_in_training_evaluations_sample_small_images_in_large_batches_and_large_images_in_the_grids_batches():
+    from ddpm_hf.config import TrainingConfig
+    from ddpm_hf.maintenance import evaluation_batch_size
+
+    config = TrainingConfig(eval_batch_size=16, eval_num_samples=1000)
+    assert [evaluation_batch_size(config, size) for size in (28, 32, 64, 256)] == [100, 76, 19, 16]
+    assert evaluation_batch_size(TrainingConfig(eval_batch_size=16, eval_num_samples=40), 28) == 40
