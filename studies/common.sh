@@ -2,7 +2,7 @@
 # of a study differ only in what the study varies.
 #
 # The budget: each study must run in about 45 minutes on a 2-core CPU, so each arm trains the
-# quick-start net (`tiny`, batch 64, 5,000 offline digits) for STEPS steps, not the quick
+# quick-start net (studies/base.yaml: `tiny`, batch 64, 5,000 offline digits) for STEPS steps, not the quick
 # start's full length, and is scored on EVAL_SAMPLES samples. Override any of these from the
 # environment, e.g. `STEPS=1100 EVAL_SAMPLES=1000 bash studies/weighting/run.sh`.
 set -euo pipefail
@@ -20,7 +20,7 @@ EVAL_SAMPLER=(--scheduler ddpm --num_inference_steps 50)
 # re-saves its pipeline (the config resumes from `latest`).
 train() {
     local out=$1; shift
-    "$PY" train_ddpm.py "${CONFIG:-configs/mnist-5k-cpu.yaml}" --output_dir "$out" --max_train_steps "$STEPS" \
+    "$PY" train_ddpm.py studies/base.yaml --output_dir "$out" --max_train_steps "$STEPS" \
         --validation_split 0.1 --validation_steps 100 --save_images_steps 0 --checkpointing_steps 250 \
         --report_to none "$@"
 }

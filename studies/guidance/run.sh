@@ -7,9 +7,8 @@ source "$(dirname "$0")/../common.sh"
 RUNS=${RUNS:-studies/guidance/runs}
 SCALES=${SCALES:-0,1,2,3,5,10}
 GUIDANCE_SAMPLES=${GUIDANCE_SAMPLES:-200}   # 20 per digit at each scale
-export CONFIG=configs/mnist-5k-cond-cpu.yaml
 for p in 0 0.1 0.2 0.5; do
-    train "$RUNS/p$p" --cond_drop_prob "$p" --early_stopping_patience 1000
+    train "$RUNS/p$p" --class_conditional --cond_drop_prob "$p"
     "$PY" -m ddpm_hf.evaluate "$RUNS/p$p" --guidance_scales "$SCALES" --num_samples "$GUIDANCE_SAMPLES" --batch_size 100 "${EVAL_SAMPLER[@]}"
 done
 "$PY" -m ddpm_hf.compare "$RUNS"/p{0,0.1,0.2,0.5} --out studies/guidance/report
