@@ -33,6 +33,16 @@ def _no_accelerator_hardware() -> bool:
     return not (torch.cuda.is_available() or (hasattr(torch, "xpu") and torch.xpu.is_available()) or torch.backends.mps.is_available())
 
 
+def dynamo_backend(config: TrainingConfig) -> str:
+    """The torch.compile backend: with --torch_compile, the one accelerate was configured with
+    (`accelerate launch --dynamo_backend X` or `accelerate config`, which set ACCELERATE_DYNAMO_BACKEND),
+    inductor when that says none; without --torch_compile, none."""
+    if not config.torch_compile:
+        return "no"
+    configured = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    return "inductor" if configured == "no" else configured
+
+
 def make_accelerator(config: TrainingConfig) -> Accelerator:
     """The accelerator for the config's precision, tracker and compile settings; refuses what cannot work here."""
     for tracker in ("tensorboard", "wandb"):
@@ -46,7 +56,7 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
     accelerator = Accelerator(
         mixed_precision=config.mixed_precision,
         # prepare() compiles the model (and, under DDP, lets dynamo split graphs at bucket boundaries).
-        dynamo_backend="inductor" if config.torch_compile else "no",
+        dynamo_backend=dynamo_backend(config),
         log_with=None if config.report_to == "none" else config.report_to,
         project_config=ProjectConfiguration(project_dir=config.output_dir, logging_dir=os.path.join(config.output_dir, config.logging_dir)),
         # On a machine without GPUs, torchrun / accelerate launch still mean several CPU processes (gloo).
@@ -120,7 +130,7 @@ def step_options(config: TrainingConfig, device: torch.device) -> list[str]:
     if config.channels_last:
         options.append("channels-last")
     if config.torch_compile:
-        options.append("torch.compile")
+        options.append(f"torch.compile ({dynamo_backend(config)})")
     if config.allow_tf32 and device.type == "cuda":
         options.append("TF32")
     return options

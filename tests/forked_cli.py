@@ -39,7 +39,7 @@ PRELOAD = ["torch", "diffusers", "accelerate", "datasets", "transformers", "matp
            "ddpm_hf.training", "ddpm_hf.generation", "ddpm_hf.scoring"]
 
 # Variables the package and its libraries read when a command runs, not when they are imported.
-READ_AT_RUN_TIME = {"OMP_NUM_THREADS", "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM", "DDPM_HF_CACHE", "DDPM_HF_FAULT_NONFINITE_STEPS",
+READ_AT_RUN_TIME = {"ACCELERATE_DYNAMO_BACKEND", "OMP_NUM_THREADS", "PYTHONUNBUFFERED", "TOKENIZERS_PARALLELISM", "DDPM_HF_CACHE", "DDPM_HF_FAULT_NONFINITE_STEPS",
                     "TORCH_HOME", "PYTEST_CURRENT_TEST", "HF_TOKEN"}
 MAX_ZYGOTES = 4  # each holds about 0.5 GB
 
