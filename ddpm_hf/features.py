@@ -23,6 +23,7 @@ import types
 
 import torch
 import torch.nn.functional as F
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -130,7 +131,14 @@ class DigitFeatures:
 
     @classmethod
     def load_or_train(cls, path: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0, device="cpu") -> "DigitFeatures":
-        """Load the classifier saved at ``path`` if it was trained on these digits with this seed; else train and save it."""
+        """Load the classifier saved at ``path`` if it was trained on these digits with this seed; else train and save it.
+        A lock beside the file makes processes sharing a cache wait for one training instead of each training its own."""
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with FileLock(path + ".lock"):
+            return cls._load_or_train(path, images, labels, num_classes, seed, device)
+
+    @classmethod
+    def _load_or_train(cls, path: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int, device) -> "DigitFeatures":
         fingerprint = data_fingerprint(images, labels)
         if os.path.isfile(path):
             from safetensors import safe_open

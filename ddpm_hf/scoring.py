@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from filelock import FileLock
 
 from .config import TrainingConfig
 from .data import ImageFormat, decode_in_memory, find_columns, labels_and_classes, load_source_dataset
@@ -88,11 +89,13 @@ class Evaluator:
         else:
             features = InceptionFeatures(inception_weights, device)
         stats_path = os.path.join(cache_dir, "stats", f"{name}-{resolution}px-{len(images)}-{features.name}.npz")
-        if os.path.isfile(stats_path):
-            reference = FeatureStatistics.load(stats_path)
-        else:
-            reference = FeatureStatistics.of(features_of(features, images))
-            reference.save(stats_path)
+        os.makedirs(os.path.dirname(stats_path), exist_ok=True)
+        with FileLock(stats_path + ".lock"):  # processes sharing the cache compute the statistics once
+            if os.path.isfile(stats_path):
+                reference = FeatureStatistics.load(stats_path)
+            else:
+                reference = FeatureStatistics.of(features_of(features, images))
+                reference.save(stats_path)
         return cls(features, reference, images, labels)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor | None = None) -> dict:

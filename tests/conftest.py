@@ -65,9 +65,21 @@ def isolated_hf_home(tmp_path_factory):
 
 @pytest.fixture(scope="session", autouse=True)
 def shared_evaluation_cache(tmp_path_factory):
-    """One DDPM_HF_CACHE for the whole session: the digit classifier of the offline digits is
-    trained once, by the first test that needs it, and reused by the rest."""
-    yield from _folder_in_environment(tmp_path_factory, "DDPM_HF_CACHE", "ddpm_hf_cache")
+    """One DDPM_HF_CACHE for the whole test run, shared by pytest-xdist's workers: the digit
+    classifier of the offline digits is trained once, by the first process that needs it (the
+    cache's file lock makes the others wait for it), and reused by the rest."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # basetemp is pytest-N/popen-gwK: its parent is the run's, shared
+        root = root.parent
+    folder = root / "ddpm_hf_cache"
+    folder.mkdir(exist_ok=True)
+    previous = os.environ.get("DDPM_HF_CACHE")
+    os.environ["DDPM_HF_CACHE"] = str(folder)
+    yield folder
+    if previous is None:
+        os.environ.pop("DDPM_HF_CACHE", None)
+    else:
+        os.environ["DDPM_HF_CACHE"] = previous
 
 
 # The classifier that Evaluator.build trains on all 5,000 offline digits with seed 0, in the shared cache.
