@@ -68,7 +68,8 @@ def main(argv=None) -> None:
     images = draw_images(pipeline, args.num_images, args.batch_size, steps, args.seed, args.eta, labels, args.guidance_scale)
     # A conditional grid drawn class by class reads best with one column per class.
     columns = pipeline.num_classes if labels is not None and args.class_label is None and args.num_images >= pipeline.num_classes else None
-    caption = f"{args.scheduler.upper()} {steps} steps, seed {args.seed}" + (f", class {pipeline.class_names[int(labels[0])]}" if args.class_label is not None else "")
+    caption = (f"{args.scheduler.upper()} {steps} steps, seed {args.seed}" + (f", {args.weights} weights" if args.weights else "")
+               + (f", class {pipeline.class_names[int(labels[0])]}" if args.class_label is not None else ""))
     save_images(images, args.grid, args.out_dir, columns, caption=caption)
     written = [p for p in (args.grid, args.out_dir) if p]
     print(json.dumps({"images": args.num_images, "scheduler": args.scheduler, "steps": steps, "seed": args.seed, "written": written}))

@@ -5,9 +5,9 @@
 #   DDPM 1000 (ancestral), DDIM 50 and 1000 (ours), DPM-Solver++ 25, and diffusers' default
 #   DDIM 50 and 1000 (clipped x0 with the unclipped noise: the defect).
 #   MODEL=PATH bash studies/ddim/run.sh        (about 25 minutes on 2 CPU cores at EVAL_SAMPLES=200)
+EVAL_SAMPLES=${EVAL_SAMPLES:-200}  # before common.sh, whose default (500) is for the studies' arms
 source "$(dirname "$0")/../common.sh"
 MODEL=${MODEL:-ddpm-mnist-5k}
-EVAL_SAMPLES=${EVAL_SAMPLES:-200}
 REPORT=studies/ddim/report
 [ -f "$MODEL/model_index.json" ] || "$PY" train_ddpm.py configs/mnist-5k-cpu.yaml --output_dir "$MODEL"
 ours=("$PY" -m ddpm_hf.evaluate)
