@@ -89,7 +89,7 @@ def parse_args(argv=None):
             raise UserError(f"--guidance_scales takes numbers separated by commas, such as 0,1,2,5,10; got {args.guidance_scales!r}") from None
         if not args.guidance_scales or min(args.guidance_scales) < 0:
             raise UserError(f"--guidance_scales needs at least one scale, each >= 0; got {args.guidance_scales}")
-    args.fid = args.fid or not (args.bpd or args.guidance_scales)
+    args.fid = args.fid or not (args.bpd or args.guidance_scales or args.compare_samplers)
     args.model = resolve_weights(args.model, args.weights)
     return args
 

@@ -195,7 +195,7 @@ def test_sample_command_refuses_a_missing_folder(tmp_path):
 
 def test_evaluate_command_scores_the_model_and_noise_compares_samplers_and_interpolates(unconditional_model, tmp_path, shared_evaluation_cache):
     cache, report = shared_evaluation_cache, tmp_path / "report"  # the session's classifier, trained on all the digits
-    args = [str(unconditional_model), "--num_samples", "12", "--batch_size", "12", "--num_inference_steps", "2", "--report_dir", str(report), "--noise_baseline", "--compare-samplers", "--sampler_steps", "2", "4",
+    args = [str(unconditional_model), "--num_samples", "12", "--batch_size", "12", "--num_inference_steps", "2", "--report_dir", str(report), "--fid", "--noise_baseline", "--compare-samplers", "--sampler_steps", "2", "4",
             "--samplers", "ddpm", "dpm++", "--interpolation_grid", str(tmp_path / "interp.png")]
     result = _command("ddpm_hf.evaluate", *args)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -319,3 +319,14 @@ def test_in_training_evaluations_sample_small_images_in_large_batches_and_large_
     config = TrainingConfig(eval_batch_size=16, eval_num_samples=1000)
     assert [evaluation_batch_size(config, size) for size in (28, 32, 64, 256)] == [100, 76, 19, 16]
     assert evaluation_batch_size(TrainingConfig(eval_batch_size=16, eval_num_samples=40), 28) == 40
+
+
+def test_compare_samplers_alone_does_not_also_score_the_default_sampler(unconditional_model, tmp_path):
+    # --fid is the default only when nothing else is asked for: a sampler comparison asked alone
+    # must not first draw --num_samples images with the default sampler (DDPM-1000 doubled a study's time).
+    report = tmp_path / "report"
+    result = _command("ddpm_hf.evaluate", str(unconditional_model), "--num_samples", "4", "--batch_size", "4", "--report_dir", str(report),
+                      "--compare-samplers", "--samplers", "ddim", "--sampler_steps", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((report / "evaluation.json").read_text())
+    assert "model_scores" not in results and [(r["sampler"], r["steps"]) for r in results["samplers"]] == [("ddim", 2)]
