@@ -28,8 +28,8 @@ class ConsistentDDIMScheduler(DDIMScheduler):
     re-derives the noise from the clipped x0 before stepping, as improved-diffusion's ``ddim_sample``
     does. diffusers' default (``use_clipped_model_output=False``) steps with the clipped x0 but the
     network's unclipped noise: the pair no longer describes one trajectory, and the error adds up
-    with every step. On our 1,100-step quick-start model that drew grey backgrounds and mostly 1s
-    at 1,000 steps while the consistent form draws the same digits at 50 or 1,000 steps
+    with every step. On the earlier 1,100-step quick-start model that drew grey backgrounds and mostly 1s
+    at 1,000 steps, while the consistent form drew the same digits at 50 or 1,000 steps
     (studies/ddim/RESULTS.md). Used only for sampling; saved pipelines keep DDPMScheduler."""
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool | None = None, **options):
