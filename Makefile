@@ -19,7 +19,7 @@ quickstart: setup
 	$(PY) train_ddpm.py configs/mnist-5k-cpu.yaml
 
 test: setup
-	$(PY) -m pytest -q -n 4 --dist worksteal tests
+	$(PY) -m pytest -q -n 6 --dist worksteal tests
 
 clean:
 	rm -rf $(VENV) ddpm-mnist-5k ddpm-mnist-5k-offline .pytest_cache
