@@ -23,12 +23,11 @@ import types
 
 import torch
 import torch.nn.functional as F
-from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import UserError, first_line
-from .files import atomic_path
+from .files import atomic_path, made_once
 
 CLASSIFIER_SIDE = 28
 # Bumped whenever the classifier's training changes, so cached classifiers and statistics are redone.
@@ -133,8 +132,7 @@ class DigitFeatures:
     def load_or_train(cls, path: str, images: torch.Tensor, labels: torch.Tensor, num_classes: int, seed: int = 0, device="cpu") -> "DigitFeatures":
         """Load the classifier saved at ``path`` if it was trained on these digits with this seed; else train and save it.
         A lock beside the file makes processes sharing a cache wait for one training instead of each training its own."""
-        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with FileLock(path + ".lock"):
+        with made_once(path):
             return cls._load_or_train(path, images, labels, num_classes, seed, device)
 
     @classmethod

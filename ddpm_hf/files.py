@@ -11,6 +11,8 @@ import os
 import shutil
 from contextlib import contextmanager
 
+from filelock import FileLock
+
 
 def staging_path(final: str) -> str:
     """The hidden sibling that ``final`` is written as until it is complete."""
@@ -78,6 +80,16 @@ def write_json(path: str, values: dict) -> None:
     with atomic_path(path) as partial, open(partial, "w") as f:
         json.dump(values, f, indent=2, default=str)
         f.write("\n")
+
+
+@contextmanager
+def made_once(path: str):
+    """Hold the lock beside ``path`` (``<path>.lock``, its folder created if need be) while the block
+    checks for the file and makes it if missing: processes sharing a cache then make it once, the
+    others waiting and reading it, instead of each computing its own."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with FileLock(path + ".lock"):
+        yield
 
 
 def read_json(path: str) -> dict:

@@ -23,6 +23,7 @@ from .errors import UserError, first_line
 from .pipeline import ClassConditionalDDPMPipeline, guided_prediction
 from .seeds import Stream, generator
 
+
 class ConsistentDDIMScheduler(DDIMScheduler):
     """DDIM that, when it clips the predicted x0 (``clip_sample``, on in every DDPM config we write),
     re-derives the noise from the clipped x0 before stepping, as improved-diffusion's ``ddim_sample``

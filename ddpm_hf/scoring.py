@@ -13,13 +13,13 @@ import time
 from dataclasses import dataclass
 
 import torch
-from filelock import FileLock
 
 from .config import TrainingConfig
 from .data import ImageFormat, decode_in_memory, find_columns, labels_and_classes, load_source_dataset
 from .errors import UserError
 from .features import DigitFeatures, InceptionFeatures, classifier_scores
 from .fid import FeatureStatistics, frechet_distance, precision_recall
+from .files import made_once
 from .generation import build_pipeline, class_labels_for, default_device, draw_images
 from .reports import write_csv, write_markdown
 from .seeds import Stream, generator
@@ -89,8 +89,7 @@ class Evaluator:
         else:
             features = InceptionFeatures(inception_weights, device)
         stats_path = os.path.join(cache_dir, "stats", f"{name}-{resolution}px-{len(images)}-{features.name}.npz")
-        os.makedirs(os.path.dirname(stats_path), exist_ok=True)
-        with FileLock(stats_path + ".lock"):  # processes sharing the cache compute the statistics once
+        with made_once(stats_path):
             if os.path.isfile(stats_path):
                 reference = FeatureStatistics.load(stats_path)
             else:

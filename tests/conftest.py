@@ -45,9 +45,8 @@ def run_module(module: str, *args: str, timeout: float = 600, cwd: Path = REPO, 
     return run_command(command, cli_env(**env), cwd, timeout)
 
 
-def _folder_in_environment(tmp_path_factory, variable: str, name: str):
-    """Point ``variable`` at a fresh folder for the session (subprocesses inherit it), then restore it."""
-    folder = tmp_path_factory.mktemp(name)
+def _variable_pointing_at(variable: str, folder):
+    """Point ``variable`` at ``folder`` for the session (subprocesses inherit it), then restore it."""
     previous = os.environ.get(variable)
     os.environ[variable] = str(folder)
     yield folder
@@ -60,7 +59,7 @@ def _folder_in_environment(tmp_path_factory, variable: str, name: str):
 @pytest.fixture(scope="session", autouse=True)
 def isolated_hf_home(tmp_path_factory):
     """Keep the Hugging Face caches of the tests away from the user's."""
-    yield from _folder_in_environment(tmp_path_factory, "HF_HOME", "hf_home")
+    yield from _variable_pointing_at("HF_HOME", tmp_path_factory.mktemp("hf_home"))
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,13 +72,7 @@ def shared_evaluation_cache(tmp_path_factory):
         root = root.parent
     folder = root / "ddpm_hf_cache"
     folder.mkdir(exist_ok=True)
-    previous = os.environ.get("DDPM_HF_CACHE")
-    os.environ["DDPM_HF_CACHE"] = str(folder)
-    yield folder
-    if previous is None:
-        os.environ.pop("DDPM_HF_CACHE", None)
-    else:
-        os.environ["DDPM_HF_CACHE"] = previous
+    yield from _variable_pointing_at("DDPM_HF_CACHE", folder)
 
 
 # The classifier that Evaluator.build trains on all 5,000 offline digits with seed 0, in the shared cache.
@@ -210,4 +203,3 @@ def recording_hub():
     threading.Thread(target=server.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{server.server_address[1]}", record
     server.shutdown()
-

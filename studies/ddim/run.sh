@@ -20,8 +20,8 @@ compare() {  # compare NAME SAMPLER STEPS...  (the command is in the array named
 compare ours ddpm 1000
 compare ours ddim 50 1000
 compare ours dpm++ 25
-compare diffusers ddim 50  # its 1,000-step grid (below) shows the defect; FID_1000=1 adds the score (8 minutes)
-[ -z "${FID_1000:-}" ] || compare diffusers ddim 1000
+# Its 1,000-step grid (below) shows the defect; FID_1000=1 adds that score (8 minutes) to the same report.
+compare diffusers ddim 50 ${FID_1000:+1000}
 for steps in 50 1000; do
     "$PY" -m ddpm_hf.sample "$MODEL" --scheduler ddim --num_inference_steps $steps --num_images 16 --grid "$REPORT/ddim-$steps-ours.png"
     "$PY" studies/ddim/diffusers_ddim.py sample "$MODEL" --scheduler ddim --num_inference_steps $steps --num_images 16 --grid "$REPORT/ddim-$steps-diffusers.png"
