@@ -91,6 +91,9 @@ def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, de
         pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     elif scheduler == "ddim":  # DDIMPipeline passes eta on to the scheduler
         pipeline = DDIMPipeline(unet=unet, scheduler=noise_scheduler)
+        # DDIMPipeline.__init__ rebuilds whatever scheduler it is given as a plain DDIMScheduler from
+        # its config, which silently dropped ours (and its fix) from every DDIM grid and score.
+        pipeline.scheduler = noise_scheduler
     else:
         pipeline = DDPMPipeline(unet=unet, scheduler=noise_scheduler)
     pipeline.set_progress_bar_config(disable=True)

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler
+from diffusers import DDIMScheduler, DDPMScheduler, DPMSolverMultistepScheduler, UNet2DModel
 
 from ddpm_hf.config import TrainingConfig
 from ddpm_hf.models import build_unet, unet_config
@@ -104,3 +104,28 @@ def test_ddim_draws_the_same_background_at_50_and_1000_steps_from_a_net_that_ove
             options = {"use_clipped_model_output": None} if pass_none else {}
             x = scheduler.step(noise, t, x, **options).prev_sample
         assert x.mean().item() == pytest.approx(background, abs=1e-3), f"DDIM-{steps}"
+
+
+def test_the_ddim_pipeline_we_build_keeps_the_consistent_scheduler():
+    """DDIMPipeline rebuilds the scheduler it is given as a plain DDIMScheduler; build_pipeline must
+    put ours back, or `sample --scheduler ddim` draws diffusers' drifting DDIM. The same net as above
+    (noise 5% too large for a black image), behind the real pipeline and draw_images: 1,000 steps
+    must end black (pixel 0); with diffusers' scheduler in its place some pixels end white."""
+    from diffusers.models.unets.unet_2d import UNet2DOutput
+
+    from ddpm_hf.generation import ConsistentDDIMScheduler, build_pipeline, draw_images
+
+    config = DDPMScheduler(num_train_timesteps=1000).config
+    alphas_cumprod = DDPMScheduler.from_config(config).alphas_cumprod
+
+    class OverestimatingNet(UNet2DModel):
+        def forward(self, sample, timestep, *args, **kwargs):
+            alpha_bar = alphas_cumprod[timestep]
+            return UNet2DOutput(sample=1.05 * (sample - alpha_bar.sqrt() * -1.0) / (1 - alpha_bar).sqrt())
+
+    net = OverestimatingNet(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=8,
+                            down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)
+    pipeline = build_pipeline(net, config, "ddim", torch.device("cpu"))
+    assert isinstance(pipeline.scheduler, ConsistentDDIMScheduler)
+    images = draw_images(pipeline, 1, 1, 1000, seed=0, progress=False)
+    assert images.max().item() == 0
