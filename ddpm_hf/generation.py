@@ -31,7 +31,9 @@ class ConsistentDDIMScheduler(DDIMScheduler):
     network's unclipped noise: the pair no longer describes one trajectory, and the error adds up
     with every step. On the earlier 1,100-step quick-start model that drew grey backgrounds and mostly 1s
     at 1,000 steps, while the consistent form drew the same digits at 50 or 1,000 steps
-    (studies/ddim/RESULTS.md). Used only for sampling; saved pipelines keep DDPMScheduler."""
+    (studies/ddim/RESULTS.md). Used only for sampling; saved pipelines keep DDPMScheduler. Note that
+    DDIMPipeline(scheduler=this) silently rebuilds it as a plain DDIMScheduler: set
+    ``pipeline.scheduler`` afterwards, as build_pipeline does."""
 
     def step(self, model_output, timestep, sample, eta: float = 0.0, use_clipped_model_output: bool | None = None, **options):
         # DDIMPipeline passes None when its caller says nothing: that means "ours", not "off".
