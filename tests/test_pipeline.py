@@ -83,6 +83,12 @@ def test_bad_class_labels_are_refused(unet):
         pipeline([0], guidance_scale=-1, num_inference_steps=1)
 
 
+def overestimated_noise(x: torch.Tensor, alpha_bar: torch.Tensor, background: float = -1.0) -> torch.Tensor:
+    """The noise in ``x`` if the clean image were all ``background``, predicted 5% too large: an
+    undertrained net's typical error on a black background."""
+    return 1.05 * (x - alpha_bar.sqrt() * background) / (1 - alpha_bar).sqrt()
+
+
 @pytest.mark.parametrize("pass_none", [False, True], ids=["scheduler-default", "as-DDIMPipeline-calls-it"])
 def test_ddim_draws_the_same_background_at_50_and_1000_steps_from_a_net_that_overestimates_the_noise(pass_none):
     """An undertrained net's typical error: the noise of a black background (-1) predicted 5% too
@@ -99,8 +105,7 @@ def test_ddim_draws_the_same_background_at_50_and_1000_steps_from_a_net_that_ove
         scheduler.set_timesteps(steps)
         x = torch.randn(1, 1, 8, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
         for t in scheduler.timesteps:
-            alpha_bar = scheduler.alphas_cumprod[t].double()
-            noise = 1.05 * (x - alpha_bar.sqrt() * background) / (1 - alpha_bar).sqrt()
+            noise = overestimated_noise(x, scheduler.alphas_cumprod[t].double(), background)
             options = {"use_clipped_model_output": None} if pass_none else {}
             x = scheduler.step(noise, t, x, **options).prev_sample
         assert x.mean().item() == pytest.approx(background, abs=1e-3), f"DDIM-{steps}"
@@ -120,8 +125,7 @@ def test_the_ddim_pipeline_we_build_keeps_the_consistent_scheduler():
 
     class OverestimatingNet(UNet2DModel):
         def forward(self, sample, timestep, *args, **kwargs):
-            alpha_bar = alphas_cumprod[timestep]
-            return UNet2DOutput(sample=1.05 * (sample - alpha_bar.sqrt() * -1.0) / (1 - alpha_bar).sqrt())
+            return UNet2DOutput(sample=overestimated_noise(sample, alphas_cumprod[timestep]))
 
     net = OverestimatingNet(sample_size=8, in_channels=1, out_channels=1, block_out_channels=(8,), norm_num_groups=8,
                             down_block_types=("DownBlock2D",), up_block_types=("UpBlock2D",), layers_per_block=1)
