@@ -16,7 +16,7 @@ from transformers import HfArgumentParser
 from .errors import UserError, first_line
 
 OFFLINE_MNIST = "mnist-5k-offline"
-MODEL_PRESETS = ("tiny", "mnist", "cifar10")
+MODEL_PRESETS = ("micro", "tiny", "mnist", "cifar10")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 
@@ -61,8 +61,9 @@ class TrainingConfig:
     early_stopping_min_delta: float = _arg(0.0, "An improvement must lower the best validation loss by more than this (the MNIST recipe uses 1e-4).")
 
     # ----- model -----
-    model_preset: Literal["tiny", "mnist", "cifar10"] = _arg(
-        "tiny", "UNet2DModel preset: tiny (CPU, ~1M params), mnist (digits, a few M), cifar10 (Ho et al. 2020, 35.7M)."
+    model_preset: Literal["micro", "tiny", "mnist", "cifar10"] = _arg(
+        "tiny", "UNet2DModel preset: micro (CPU quick start, 0.27M params, attention only in the middle), tiny (CPU, ~1M params), "
+        "mnist (digits, a few M), cifar10 (Ho et al. 2020, 35.7M)."
     )
     model_config_name_or_path: Optional[str] = _arg(None, "A UNet2DModel config.json (or a folder holding one) whose keys override the preset.")
     class_conditional: bool = _arg(False, "Condition the UNet on the label column (a class embedding; one extra 'null' class for guidance).")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import platform
 
 import torch
 from accelerate import Accelerator
@@ -62,10 +63,22 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # On a machine without GPUs, torchrun / accelerate launch still mean several CPU processes (gloo).
         cpu=_no_accelerator_hardware(),
     )
+    if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not _x86_cpu_computes_bf16():
+        accelerator.print("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast may run slower than fp32 "
+                          "here; if it does, pass --mixed_precision no")
     if config.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def _x86_cpu_computes_bf16() -> bool:
+    """False only on an x86 CPU without bf16 instructions, where autocast emulates bf16 in fp32 and
+    is slower than plain fp32 (other CPUs: we cannot tell, so no note)."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return True
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None) or all(check is None for check in checks)
 
 
 def prepare_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None:

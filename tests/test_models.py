@@ -18,7 +18,15 @@ def test_cifar10_preset_is_ho_et_al_35_7m():
     assert unet.config.dropout == 0.1
 
 
-@pytest.mark.parametrize("preset, low, high", [("tiny", 0.3e6, 2e6), ("mnist", 2e6, 10e6)])
+def test_micro_preset_is_narrow_at_full_resolution_with_attention_only_in_the_middle():
+    unet = build_unet(unet_config(TrainingConfig(model_preset="micro"), channels=1, resolution=28))
+    assert count_parameters(unet) == 267_313
+    assert unet.config.block_out_channels == (16, 32, 32) and unet.config.layers_per_block == 1
+    assert not any("Attn" in block for block in (*unet.config.down_block_types, *unet.config.up_block_types))
+    assert len(unet.mid_block.attentions) == 1  # at 7x7, 32 channels
+
+
+@pytest.mark.parametrize("preset, low, high", [("micro", 0.2e6, 0.5e6), ("tiny", 0.3e6, 2e6), ("mnist", 2e6, 10e6)])
 @pytest.mark.parametrize("resolution", [28, 32])
 def test_digit_presets_run_at_28_and_32(preset, low, high, resolution):
     unet = build_unet(unet_config(TrainingConfig(model_preset=preset), channels=1, resolution=resolution))
