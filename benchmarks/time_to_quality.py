@@ -81,7 +81,8 @@ def main(argv=None) -> int:
         "date": time.strftime("%Y-%m-%d"), "machine": f"{platform.node()} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
         "device": stats["device"], "config": args.config, "overrides": overrides, "short": args.short,
         "bar": {"min_confidence": args.min_confidence, "max_fid": args.max_fid, "num_samples": args.eval_num_samples},
-        "sampler": {"name": config["sampler"], "steps": config["num_inference_steps"], "guidance_scale": config["guidance_scale"]},
+        "sampler": {"name": config["sampler"], "steps": config["num_inference_steps"],
+                    "guidance_scale": config["guidance_scale"] if config.get("class_conditional") else None},  # unconditional: none
         "reached": good, "evaluations": rows, "process_seconds_with_evaluations": round(total_s, 1),
     }
     with open(args.json, "w") as f:

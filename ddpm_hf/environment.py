@@ -63,13 +63,21 @@ def make_accelerator(config: TrainingConfig) -> Accelerator:
         # On a machine without GPUs, torchrun / accelerate launch still mean several CPU processes (gloo).
         cpu=_no_accelerator_hardware(),
     )
-    if config.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not _x86_cpu_computes_bf16():
-        accelerator.print("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast may run slower than fp32 "
-                          "here; if it does, pass --mixed_precision no")
+    note = bf16_note(config, accelerator.device)
+    if note:
+        accelerator.print(note)
     if config.allow_tf32 and accelerator.device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     return accelerator
+
+
+def bf16_note(config: TrainingConfig, device: torch.device) -> str | None:
+    """The start-up note for bf16 autocast on a CPU that would only emulate it."""
+    if config.mixed_precision == "bf16" and device.type == "cpu" and not _x86_cpu_computes_bf16():
+        return ("note: this CPU has no bf16 instructions (AVX512-BF16 or AMX), so bf16 autocast may run slower than fp32 here; "
+                "if it does, pass --mixed_precision no")
+    return None
 
 
 def _x86_cpu_computes_bf16() -> bool:

@@ -381,13 +381,13 @@ def test_the_weights_choice_is_checked_by_the_commands(tmp_path):
 
 
 @pytest.mark.parametrize("avx512_bf16, amx, noted", [(False, False, True), (True, False, False), (False, True, False)])
-def test_bf16_on_an_x86_cpu_without_bf16_instructions_gets_a_note(monkeypatch, capsys, tmp_path, avx512_bf16, amx, noted):
+def test_bf16_on_an_x86_cpu_without_bf16_instructions_gets_a_note(monkeypatch, avx512_bf16, amx, noted):
     # Without them autocast emulates bf16 and runs slower than fp32: the user should hear it at start-up.
     from ddpm_hf import environment
-    if environment._no_accelerator_hardware() is False:
-        pytest.skip("the note is about training on the CPU")
     monkeypatch.setattr(environment.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    environment.make_accelerator(TrainingConfig(mixed_precision="bf16", report_to="none", output_dir=str(tmp_path)))
-    assert ("no bf16 instructions" in capsys.readouterr().out) == noted
+    note = environment.bf16_note(TrainingConfig(mixed_precision="bf16"), torch.device("cpu"))
+    assert (note is not None and "no bf16 instructions" in note and "--mixed_precision no" in note) == noted
+    assert environment.bf16_note(TrainingConfig(mixed_precision="no"), torch.device("cpu")) is None
+    assert environment.bf16_note(TrainingConfig(mixed_precision="bf16"), torch.device("cuda")) is None
