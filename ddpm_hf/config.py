@@ -61,7 +61,7 @@ class TrainingConfig:
     early_stopping_min_delta: float = _arg(0.0, "An improvement must lower the best validation loss by more than this (the MNIST recipe uses 1e-4).")
 
     # ----- model -----
-    model_preset: Literal["micro", "tiny", "mnist", "cifar10"] = _arg(
+    model_preset: Literal[MODEL_PRESETS] = _arg(
         "tiny", "UNet2DModel preset: micro (CPU quick start, 0.27M params, attention only in the middle), tiny (CPU, ~1M params), "
         "mnist (digits, a few M), cifar10 (Ho et al. 2020, 35.7M)."
     )
