@@ -2,8 +2,8 @@
 # of a study differ only in what the study varies.
 #
 # The budget: each study must run in about 45 minutes on a 2-core CPU, so each arm trains the
-# quick-start net (studies/base.yaml: `tiny`, batch 64, 5,000 offline digits) for STEPS steps, not the quick
-# start's full length, and is scored on EVAL_SAMPLES samples. Override any of these from the
+# studies' fixed baseline (studies/base.yaml: the earlier quick start's `tiny`, batch 64, 5,000 offline
+# digits) for STEPS steps, not a full-length run, and is scored on EVAL_SAMPLES samples. Override any of these from the
 # environment, e.g. `STEPS=1100 EVAL_SAMPLES=1000 bash studies/weighting/run.sh`.
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
