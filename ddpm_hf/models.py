@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import os
 
+import torch
 from diffusers import DDPMScheduler, UNet2DModel
+from diffusers.models.attention_processor import Attention, AttnProcessor
 
 from .config import TrainingConfig
 from .errors import UserError
@@ -42,9 +44,10 @@ PRESETS: dict[str, dict] = {
     ),
     # The quick start's net: a quarter of tiny's parameters, narrow at full resolution (where most
     # of the compute is), attention only in the middle block (the 7x7 attention of tiny's down and
-    # up blocks was the slow part under bf16 on CPU). At equal images seen, nets from 0.27M to
-    # 2.4M parameters drew digits equally well in this budget, so the fastest wins: 370 images/s
-    # against tiny's ~185 under bf16 (benchmarks/RESULTS.md, "Quick-start recipe").
+    # up blocks was the slow part under bf16 on CPU, through PyTorch's flash kernel, since replaced
+    # by use_plain_attention_on_cpu). At equal images seen, nets from 0.27M to 2.4M parameters drew
+    # digits equally well in this budget, so the fastest wins: 370 images/s against tiny's ~185
+    # under bf16 when it was chosen (benchmarks/RESULTS.md, "Quick-start recipe").
     "micro": dict(
         block_out_channels=(16, 32, 32),
         layers_per_block=1,
@@ -107,6 +110,22 @@ def build_unet(values: dict) -> UNet2DModel:
         return UNet2DModel(**values)
     except (TypeError, ValueError) as e:
         raise UserError(f"the UNet2DModel config is invalid: {e}") from None
+
+
+def use_plain_attention_on_cpu(unet: UNet2DModel, device: torch.device) -> None:
+    """On a CPU, let the UNet's attention layers multiply out softmax(QK^T)V (diffusers'
+    AttnProcessor) instead of calling scaled_dot_product_attention.
+
+    There PyTorch picks its CPU flash-attention kernel, whose backward is built for long
+    sequences: on the 49 to 196 positions of a digit UNet it took 15% of the micro net's training
+    step, and plain attention trains `tiny` 1.55x and `micro` about 1.1x faster under bf16 at
+    batch 32, with the same sampling speed (benchmarks/RESULTS.md, "Attention on the CPU"). GPUs
+    keep the fused kernels, which are fast there."""
+    if device.type != "cpu":
+        return
+    for module in unet.modules():
+        if isinstance(module, Attention):
+            module.set_processor(AttnProcessor())
 
 
 def build_noise_scheduler(config: TrainingConfig) -> DDPMScheduler:

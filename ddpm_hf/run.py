@@ -29,7 +29,7 @@ from .faults import with_injected_faults
 from .hub import HubPusher
 from .interrupts import StopRequest
 from .metrics import EVALUATION_FILE, VALIDATION_FILE, MetricsLog
-from .models import build_noise_scheduler, build_unet, count_parameters, unet_config
+from .models import build_noise_scheduler, build_unet, count_parameters, unet_config, use_plain_attention_on_cpu
 from .objective import DiffusionObjective
 from .resample import TimestepSampler, make_timestep_sampler
 from .scoring import DEFAULT_CACHE, Evaluator
@@ -162,6 +162,7 @@ def build_run(config: TrainingConfig, stop_request: StopRequest, cleanup: contex
     unet_values = unet_config(config, data.channels, data.resolution, data.num_classes + 1 if config.class_conditional else None)
     torch.manual_seed(derive_seed(Stream.MODEL_INIT, config.seed))  # identical initial weights on every process
     unet = build_unet(unet_values)
+    use_plain_attention_on_cpu(unet, device)
     if config.channels_last:
         unet = unet.to(memory_format=torch.channels_last)
     noise_scheduler = build_noise_scheduler(config)

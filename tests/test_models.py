@@ -4,10 +4,11 @@ import json
 
 import pytest
 import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 
 from ddpm_hf.config import TrainingConfig
 from ddpm_hf.errors import UserError
-from ddpm_hf.models import build_unet, count_parameters, unet_config
+from ddpm_hf.models import build_unet, count_parameters, unet_config, use_plain_attention_on_cpu
 
 
 def test_cifar10_preset_is_ho_et_al_35_7m():
@@ -47,3 +48,19 @@ def test_a_json_model_config_overrides_the_preset(tmp_path):
     assert list(unet.config.block_out_channels) == [16, 32, 32] and unet.config.in_channels == 3
     with pytest.raises(UserError, match="no config.json"):
         unet_config(TrainingConfig(model_config_name_or_path=str(tmp_path / "missing")), channels=1, resolution=28)
+
+
+def test_on_a_cpu_attention_is_multiplied_out_and_computes_the_same():
+    torch.manual_seed(0)
+    unet = build_unet(unet_config(TrainingConfig(model_preset="tiny"), channels=1, resolution=28))
+    attentions = [m for m in unet.modules() if isinstance(m, Attention)]
+    assert len(attentions) == 4  # tiny: the 7x7 down and up blocks and the middle
+    x, t = torch.randn(2, 1, 28, 28), torch.tensor([10, 900])
+    with torch.no_grad():
+        fused = unet(x, t).sample
+    use_plain_attention_on_cpu(unet, torch.device("cuda"))  # a GPU keeps the fused kernels
+    assert all(type(m.processor) is AttnProcessor2_0 for m in attentions)
+    use_plain_attention_on_cpu(unet, torch.device("cpu"))
+    assert all(type(m.processor) is AttnProcessor for m in attentions)
+    with torch.no_grad():
+        assert torch.allclose(unet(x, t).sample, fused, atol=1e-5)
