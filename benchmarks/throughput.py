@@ -62,7 +62,7 @@ def measure_limit(preset: str, precision: str, batch_size: int, steps: int, warm
 
     from ddpm_hf.config import TrainingConfig
     from ddpm_hf.metrics import peak_memory_bytes
-    from ddpm_hf.models import build_unet, unet_config
+    from ddpm_hf.models import build_unet, unet_config, use_plain_attention_on_cpu
 
     device = _device()
     channels, resolution = _shape(preset)
@@ -70,6 +70,7 @@ def measure_limit(preset: str, precision: str, batch_size: int, steps: int, warm
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as the trainer (--allow_tf32)
     layout = torch.channels_last if "channels_last" in options else torch.contiguous_format
     model = build_unet(unet_config(TrainingConfig(model_preset=preset), channels, resolution)).to(device, memory_format=layout).train()
+    use_plain_attention_on_cpu(model, device)  # the attention the trainer uses
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused="foreach" not in options, foreach="foreach" in options)
     if "compile" in options:
         model = torch.compile(model)
