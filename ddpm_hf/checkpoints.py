@@ -40,6 +40,7 @@ ARCHITECTURE_FIELDS = (
     "prediction_type",
     "use_ema",
     "extra_ema_decays",
+    "guide_step",
 )
 
 
@@ -153,8 +154,8 @@ def read_run_info(path: str) -> dict:
 
 def check_compatible(saved: dict, training_config: dict, unet_config: dict) -> None:
     """Refuse to resume into a different network or diffusion process than the checkpoint's."""
-    # A field that an older version did not save had its default then: no EMA lengths beyond the main one.
-    saved_config = {"extra_ema_decays": [], **saved["training_config"]}
+    # A field that an older version did not save had its default then: no EMA lengths beyond the main one, no guide.
+    saved_config = {"extra_ema_decays": [], "guide_step": None, **saved["training_config"]}
     differences = [
         f"{name}: checkpoint {saved_config.get(name)!r}, now {training_config.get(name)!r}"
         for name in ARCHITECTURE_FIELDS

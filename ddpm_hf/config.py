@@ -117,6 +117,10 @@ class TrainingConfig:
     extra_ema_decays: Optional[list[float]] = _arg(
         None, "More EMA lengths to track beside --ema_max_decay, e.g. 0.999 0.99: each is saved as a pipeline in weights/ema-<decay>/ "
         "and the raw weights in weights/raw/, to choose from after training (sample/evaluate --weights).")
+    guide_step: Optional[int] = _arg(
+        None, "Autoguidance (Karras et al. 2024): keep the EMA weights of this step as a guide, saved in guide/, and sample with "
+        "guide + w (model - guide), w = --guidance_scale, from then on (grids, evaluations, `sample` and `evaluate`). The weak "
+        "early model marks the errors to push away from; the quick start uses step 1300 of 5200. Unconditional runs only.")
     ema_inv_gamma: float = _arg(1.0, "EMA warm-up: decay = 1 - (1 + step / inv_gamma) ** -power.")
     ema_power: float = _arg(0.75, "EMA warm-up power (3/4 suits runs under ~100k steps).")
 
@@ -136,9 +140,13 @@ class TrainingConfig:
     )
     num_inference_steps: Optional[int] = _arg(None, "Sampling steps for the grids; default: 250 for ddpm (T if smaller), 50 for ddim.")
     guidance_scale: float = _arg(
-        2.0, "Classifier-free guidance scale for the grids of a --class_conditional run: eps_uncond + s (eps_cond - eps_uncond); 1 = purely conditional."
+        2.0, "Guidance for the grids and evaluations: with --class_conditional, classifier-free guidance eps_uncond + s (eps_cond - eps_uncond), "
+        "1 = purely conditional; with --guide_step, the autoguidance weight w in guide + w (model - guide), 1 = the model alone. "
+        "Saved with the guide as the weight `sample` and `evaluate` use by default."
     )
     eval_steps: int = _arg(0, "Every N steps (and at the end), sample --eval_num_samples images and log FID and classifier scores; 0 = never.")
+    eval_start_step: int = _arg(0, "Skip the --eval_steps evaluations before this step (the last one still runs): for a time-to-quality "
+                                "measurement whose bar the early steps cannot meet, as each evaluation costs minutes on a CPU.")
     eval_num_samples: int = _arg(200, "Images drawn for each --eval_steps evaluation (sampler as for the grids); keep it small, it runs inside training.")
     eval_extractor: Literal["digits", "inception"] = _arg("digits", "Features for --eval_steps: the offline digit classifier, or Inception-v3 (needs --inception_weights).")
     inception_weights: Optional[str] = _arg(None, "Local torch-fidelity Inception-v3 weights file (cannot be downloaded here).")
@@ -170,11 +178,11 @@ class TrainingConfig:
             if getattr(self, name) < 1:
                 raise UserError(f"--{name} must be a positive integer, got {getattr(self, name)}")
         for name in ["max_train_steps", "resolution", "max_train_samples", "num_inference_steps", "checkpoints_total_limit",
-                     "max_validation_samples", "early_stopping_patience", "save_images_epochs", "save_model_epochs"]:
+                     "max_validation_samples", "early_stopping_patience", "save_images_epochs", "save_model_epochs", "guide_step"]:
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be a positive integer when given, got {value}")
-        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed", "validation_steps", "eval_steps"]:
+        for name in ["save_images_steps", "checkpointing_steps", "lr_warmup_steps", "dataloader_num_workers", "seed", "validation_steps", "eval_steps", "eval_start_step"]:
             if getattr(self, name) < 0:
                 raise UserError(f"--{name} must be >= 0, got {getattr(self, name)}")
         if self.seed >= 2**32:
@@ -210,6 +218,12 @@ class TrainingConfig:
             raise UserError("--early_stopping_patience needs a validation loss: add --validation_split (a fraction such as 0.1, or a split name)")
         if self.eval_num_samples < 2:
             raise UserError(f"--eval_num_samples must be at least 2 (FID needs a covariance), got {self.eval_num_samples}")
+        if self.guide_step is not None and self.class_conditional:
+            raise UserError("--guide_step (autoguidance) is for unconditional runs; a --class_conditional run is guided by its own "
+                            "unconditional prediction (--guidance_scale): drop --guide_step")
+        if self.guide_step is not None and self.max_train_steps is not None and self.guide_step >= self.max_train_steps:
+            raise UserError(f"--guide_step ({self.guide_step}) must come before the last step (--max_train_steps {self.max_train_steps}): "
+                            "the guide is an earlier, weaker state of the same run (the quick start takes it at a quarter of the run)")
         if self.push_checkpoints and not self.push_to_hub:
             raise UserError("--push_checkpoints needs --push_to_hub")
         if self.num_inference_steps is not None and self.num_inference_steps > self.ddpm_num_steps:

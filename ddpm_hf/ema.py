@@ -102,3 +102,37 @@ class AverageSet:
             raise ValueError(f"the checkpoint holds EMA lengths {sorted(state)}, this run tracks {sorted(map(str, self.averages))}")
         for decay, average in self.averages.items():
             average.load_state_dict(state[str(decay)])
+
+
+class Guide:
+    """Autoguidance's guide (--guide_step): the sampling weights frozen at one step of the run, in a
+    UNet of their own that the grids and evaluations after that step sample against. It is part of
+    every checkpoint from then on, so a resumed run (or one whose guide/ folder was lost) has it.
+
+    :param make_unet: builds an empty UNet of the run's shape on the run's device (called when the guide is taken or loaded).
+    """
+
+    def __init__(self, step: int, make_unet):
+        self.step, self.make_unet = step, make_unet
+        self.unet = None  # until the run reaches ``step``
+
+    @torch.no_grad()
+    def take(self, sampling_unet) -> None:
+        self.unet = self.make_unet()
+        self.unet.load_state_dict(sampling_unet.state_dict())
+        self.unet.eval()
+
+    def state_dict(self) -> dict:
+        if self.unet is None:
+            return {}
+        return {"step": self.step, "weights": {name: tensor.detach().cpu() for name, tensor in self.unet.state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if not state:  # saved before the guide's step
+            self.unet = None
+            return
+        if state["step"] != self.step:
+            raise ValueError(f"the checkpoint's guide was taken at step {state['step']}, this run takes it at step {self.step}")
+        self.unet = self.make_unet()
+        self.unet.load_state_dict(state["weights"])
+        self.unet.eval()

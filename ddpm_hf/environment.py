@@ -118,7 +118,7 @@ def prepare_output_dir(config: TrainingConfig, accelerator: Accelerator) -> None
 # samples, evaluates, checkpoints and pushes. Any other difference means another run.
 RERUN_MAY_CHANGE = (
     "max_train_steps", "num_epochs", "logging_steps", "report_to", "save_images_steps", "eval_batch_size", "sampler",
-    "num_inference_steps", "guidance_scale", "eval_steps", "eval_num_samples", "eval_extractor", "inception_weights",
+    "num_inference_steps", "guidance_scale", "eval_steps", "eval_start_step", "eval_num_samples", "eval_extractor", "inception_weights",
     "validation_steps", "checkpointing_steps", "checkpoints_total_limit", "save_images_epochs", "save_model_epochs", "logging_dir", "resume_from_checkpoint", "overwrite_output_dir",
     "dataloader_num_workers", "push_to_hub", "hub_model_id", "hub_token", "hub_private_repo", "push_checkpoints",
 )

@@ -30,11 +30,11 @@ from .config import OFFLINE_MNIST, TrainingConfig, config_from_dict
 from .errors import UserError
 from .features import DigitFeatures
 from .files import read_json, write_json
-from .generation import SCHEDULERS, default_device, default_steps, interpolation_grid, load_unet_and_schedule
+from .generation import SCHEDULERS, default_device, default_steps, guidance_weight, interpolation_grid, load_guide, load_unet_and_schedule
 from .measure import bits_per_dim_report, guidance_sweep, sample_and_score
 from .scoring import COMPARE_SCHEDULERS, COMPARE_STEPS, DEFAULT_CACHE, Evaluator, compare_samplers, noise_images, reference_name
 from .sources import held_out_images
-from .weights import resolve_weights
+from .weights import resolve_weights, run_folders
 
 
 # ----------------------------------------------------------------------------------------------
@@ -52,7 +52,10 @@ def parse_args(argv=None):
     parser.add_argument("--scheduler", default="ddpm", choices=["ddpm", "ddim", "dpm++"])
     parser.add_argument("--num_inference_steps", type=int, default=None)
     parser.add_argument("--eta", type=float, default=0.0)
-    parser.add_argument("--guidance_scale", type=float, default=1.0)
+    parser.add_argument("--guidance_scale", type=float, default=None, help="conditional models: classifier-free guidance s (default 1); a model "
+                        "with a guide: the autoguidance weight w (default the weight its run chose)")
+    parser.add_argument("--guide", default=None, help="autoguidance's weaker model: default the run's guide/ (trained with --guide_step) "
+                        "when it has one; none to measure without it; or a UNet or pipeline folder, or a Hub id")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dataset_name", default=None, help="reference data; default: the model's training data (training_config.json)")
     parser.add_argument("--dataset_split", default=None)
@@ -66,8 +69,9 @@ def parse_args(argv=None):
     parser.add_argument("--samplers", nargs="+", choices=list(SCHEDULERS), default=list(COMPARE_SCHEDULERS), help="samplers --compare-samplers runs")
     parser.add_argument("--interpolation_grid", default=None, help="write a slerp interpolation grid (DDIM, eta 0) to this PNG")
     parser.add_argument("--fid", action="store_true", help="FID and classifier scores (the default when no other measurement is asked for)")
-    parser.add_argument("--guidance_scales", default=None, help="conditional models: sweep classifier-free guidance over these scales, "
-                        "e.g. 0,1,2,3,5,7.5,10: FID, quality and diversity per scale (guidance.csv/.md/.png)")
+    parser.add_argument("--guidance_scales", default=None, help="sweep the guidance over these scales: classifier-free guidance of a "
+                        "conditional model (e.g. 0,1,2,3,5,7.5,10) or autoguidance of a model with a guide (e.g. 1,1.25,1.5,1.75,2): "
+                        "FID, quality and diversity per scale (guidance.csv/.md/.png)")
     parser.add_argument("--bpd", action="store_true", help="bits/dim on held-out images: the variational bound of Ho et al. 2020")
     parser.add_argument("--bpd_timesteps", default="50", help="terms per image: 'all' for the exact bound (T network calls per image) or K "
                         "for an unbiased estimate from K stratified timesteps (default 50)")
@@ -97,7 +101,7 @@ def parse_args(argv=None):
 def training_config_of(model: str, args) -> TrainingConfig:
     """The model's own training config (for its data), with the reference flags applied."""
     # The run's own config: in the folder, or above it for best/ and weights/<choice>/.
-    candidates = [os.path.join(model, *[os.pardir] * up, "training_config.json") for up in range(3)]
+    candidates = [os.path.join(folder, "training_config.json") for folder in run_folders(model)]
     path = next((c for c in candidates if os.path.isfile(c)), candidates[0])
     values = {}
     if os.path.isfile(path):
@@ -117,10 +121,12 @@ def main(argv=None) -> None:
     device = torch.device(args.device) if args.device else default_device()
     unet, scheduler_config, class_names = load_unet_and_schedule(args.model)
     unet.to(device)
+    guide, run_weight = load_guide(args.model, args.guide)
+    guidance_scale = guidance_weight(args.guidance_scale, guide, run_weight)
     channels, resolution = unet.config.in_channels, unet.config.sample_size
     config = training_config_of(args.model, args)
     report_dir = args.report_dir or (os.path.join(args.model, "evaluation") if os.path.isdir(args.model) else "evaluation")
-    results = {"model": args.model}
+    results = {"model": args.model, "guidance_scale": guidance_scale, "autoguidance": guide is not None}
     if args.fid or args.noise_baseline or args.compare_samplers or args.guidance_scales:
         evaluator = Evaluator.build(config, channels, resolution, args.extractor, args.cache_dir, args.inception_weights, args.max_reference_samples, args.seed, device)
         results.update(reference=reference_name(config), extractor=evaluator.extractor.name)
@@ -129,16 +135,17 @@ def main(argv=None) -> None:
         if args.fid:
             steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
             results["model_scores"] = sample_and_score(unet, scheduler_config, class_names, evaluator, args.scheduler, steps, args.num_samples,
-                                                       args.batch_size, args.seed, args.eta, args.guidance_scale, device)
+                                                       args.batch_size, args.seed, args.eta, guidance_scale, device, guide)
         if args.guidance_scales:
             steps = args.num_inference_steps or default_steps(args.scheduler, scheduler_config)
             results["guidance"] = guidance_sweep(unet, scheduler_config, class_names, evaluator, args.guidance_scales, args.scheduler, steps,
-                                                 args.num_samples, args.batch_size, args.seed, args.eta, device, report_dir)
+                                                 args.num_samples, args.batch_size, args.seed, args.eta, device, report_dir, guide)
         if args.noise_baseline:
             results["noise_scores"] = evaluator.score(noise_images(args.num_samples, channels, resolution, args.seed))
         if args.compare_samplers:
             results["samplers"] = compare_samplers(unet, scheduler_config, evaluator, args.num_samples, args.batch_size, args.seed, report_dir,
-                                                   schedulers=args.samplers, steps_list=args.sampler_steps, guidance_scale=args.guidance_scale, device=device)
+                                                   schedulers=args.samplers, steps_list=args.sampler_steps, guidance_scale=guidance_scale, device=device,
+                                                   guide=guide)
     if args.bpd:
         per_image = None if args.bpd_timesteps == "all" else int(args.bpd_timesteps)
         T = scheduler_config["num_train_timesteps"]
@@ -147,7 +154,7 @@ def main(argv=None) -> None:
         held_out, description = held_out_images(config, args.bpd_split, args.bpd_images, args.seed, device)
         results["bits_per_dim"] = bits_per_dim_report(unet, scheduler_config, held_out, description, per_image, args.batch_size, args.seed, report_dir)
     if args.interpolation_grid:
-        interpolation_grid(unet, scheduler_config, args.interpolation_grid, seed=args.seed, guidance_scale=args.guidance_scale, device=device)
+        interpolation_grid(unet, scheduler_config, args.interpolation_grid, seed=args.seed, guidance_scale=guidance_scale, device=device, guide=guide)
     # One file per model: a later measurement (bits/dim after FID) adds its keys to the earlier ones.
     path = os.path.join(report_dir, "evaluation.json")
     write_json(path, {**read_json(path), **results})

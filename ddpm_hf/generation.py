@@ -20,8 +20,9 @@ from diffusers import DDIMPipeline, DDIMScheduler, DDPMPipeline, DDPMScheduler, 
 from tqdm.auto import tqdm
 
 from .errors import UserError, first_line
-from .pipeline import ClassConditionalDDPMPipeline, guided_prediction
+from .pipeline import GUIDE_DIR, AutoGuidedDDPMPipeline, ClassConditionalDDPMPipeline, autoguided_prediction, guided_prediction, read_guide_record
 from .seeds import Stream, generator
+from .weights import run_folders
 
 
 class ConsistentDDIMScheduler(DDIMScheduler):
@@ -72,6 +73,49 @@ def load_unet_and_schedule(model: str) -> tuple[UNet2DModel, dict, list[str] | N
     return unet.eval(), scheduler_config, class_names
 
 
+def load_guide(model: str, guide: str | None = None) -> tuple[UNet2DModel | None, float | None]:
+    """Autoguidance's guide for ``model``, and the weight its run samples with (None when unknown).
+
+    ``guide``: "none" for no guide; a UNet folder, a pipeline folder or a Hub id; by default the
+    run's own ``guide/`` (for best/ and weights/<choice>/, the run's above them), if it has one.
+    (None, None) when there is no guide."""
+    if guide == "none":
+        return None, None
+    if guide is not None:
+        if guide.startswith((".", "/", "~")) and not os.path.isdir(os.path.expanduser(guide)):
+            raise UserError(f"--guide {guide} is not a folder; pass a folder holding a UNet (or a pipeline), a Hub id, or none")
+        is_pipeline = os.path.isfile(os.path.join(guide, "model_index.json")) or os.path.isdir(os.path.join(guide, "unet"))
+        try:
+            return UNet2DModel.from_pretrained(guide, subfolder="unet" if is_pipeline else None).eval(), None
+        except (OSError, ValueError) as e:
+            raise UserError(f"cannot load a guide UNet from {guide}: {first_line(e)}") from None
+    if os.path.isdir(model):
+        # Above the folder, only a run's own folder counts (it holds training_config.json).
+        run = next((folder for up, folder in enumerate(run_folders(model)) if os.path.isdir(os.path.join(folder, GUIDE_DIR))
+                    and (up == 0 or os.path.isfile(os.path.join(folder, "training_config.json")))), None)
+    else:  # a Hub id: every guide/ is written with its guidance.json
+        run = model if read_guide_record(model) else None
+    if run is None:
+        return None, None
+    try:
+        unet = UNet2DModel.from_pretrained(run, subfolder=GUIDE_DIR)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot load the guide of {model}: {first_line(e)}; pass --guide none to sample without it") from None
+    return unet.eval(), read_guide_record(run).get("guidance_scale")
+
+
+def guidance_weight(asked: float | None, guide: UNet2DModel | None, run_weight: float | None) -> float:
+    """The guidance scale to sample with: the one asked for; else, with a guide, the weight its run
+    samples with; else 1 (no guidance)."""
+    if asked is not None:
+        return asked
+    if guide is None:
+        return 1.0
+    if run_weight is None:
+        raise UserError("this guide comes with no weight: give --guidance_scale w (w > 1 pushes away from the guide; 1 samples the model alone)")
+    return run_weight
+
+
 def is_class_conditional(unet: UNet2DModel) -> bool:
     return bool(unet.config.num_class_embeds)
 
@@ -84,12 +128,20 @@ def pipeline_for(unet: UNet2DModel, noise_scheduler: DDPMScheduler, class_names:
 
 
 def build_pipeline(unet: UNet2DModel, scheduler_config: dict, scheduler: str, device: torch.device | None = None,
-                   class_names: list[str] | None = None):
-    """A pipeline over ``unet`` with the chosen sampler (class-conditional if the UNet takes labels)."""
+                   class_names: list[str] | None = None, guide: UNet2DModel | None = None):
+    """A pipeline over ``unet`` with the chosen sampler: class-conditional if the UNet takes labels,
+    autoguided by ``guide`` when one is given."""
     if scheduler not in SCHEDULERS:
         raise UserError(f"--scheduler must be one of {', '.join(SCHEDULERS)}; got {scheduler!r}")
     noise_scheduler = SCHEDULERS[scheduler](scheduler_config)
-    if is_class_conditional(unet):
+    if guide is not None:
+        if is_class_conditional(unet) or is_class_conditional(guide):
+            raise UserError("autoguidance here is for unconditional models; a class-conditional one has classifier-free guidance (--guide none)")
+        try:
+            pipeline = AutoGuidedDDPMPipeline(unet=unet, guide=guide, scheduler=noise_scheduler)
+        except ValueError as e:
+            raise UserError(f"this guide does not fit the model: {e}") from None
+    elif is_class_conditional(unet):
         pipeline = ClassConditionalDDPMPipeline(unet=unet, scheduler=noise_scheduler, class_names=class_names)
     elif scheduler == "ddim":  # DDIMPipeline passes eta on to the scheduler
         pipeline = DDIMPipeline(unet=unet, scheduler=noise_scheduler)
@@ -138,6 +190,8 @@ def draw_images(pipeline, num_images: int, batch_size: int, num_inference_steps:
         options = dict(generator=generators, num_inference_steps=num_inference_steps, output_type="np")
         if isinstance(pipeline, ClassConditionalDDPMPipeline):
             images = pipeline(class_labels[start : start + len(indices)], guidance_scale=guidance_scale, eta=eta, **options).images
+        elif isinstance(pipeline, AutoGuidedDDPMPipeline):
+            images = pipeline(batch_size=len(indices), guidance_scale=guidance_scale, eta=eta, **options).images
         elif isinstance(pipeline, DDIMPipeline):
             images = pipeline(batch_size=len(indices), eta=eta, **options).images
         else:
@@ -233,7 +287,7 @@ def slerp(a: torch.Tensor, b: torch.Tensor, weight: float) -> torch.Tensor:
 
 @torch.no_grad()
 def interpolation_grid(unet, scheduler_config, path: str, rows: int = 4, columns: int = 8, steps: int = 50, seed: int = 0,
-                       class_label: int | None = None, guidance_scale: float = 1.0, device=None) -> None:
+                       class_label: int | None = None, guidance_scale: float = 1.0, device=None, guide: UNet2DModel | None = None) -> None:
     """Each row: slerp between two noises, decoded with deterministic DDIM (eta 0), so the row morphs smoothly."""
     pipeline = build_pipeline(unet, scheduler_config, "ddim", device)
     device = pipeline.device
@@ -248,7 +302,10 @@ def interpolation_grid(unet, scheduler_config, path: str, rows: int = 4, columns
     if is_class_conditional(unet):
         labels = torch.full((len(x),), class_label if class_label is not None else 0, device=device)
     for t in scheduler.timesteps:
-        output = guided_prediction(unet, x, t, labels, guidance_scale) if labels is not None else unet(x, t).sample
+        if labels is not None:
+            output = guided_prediction(unet, x, t, labels, guidance_scale)
+        else:
+            output = autoguided_prediction(unet, guide.to(device), x, t, guidance_scale) if guide is not None else unet(x, t).sample
         x = scheduler.step(output, t, x, eta=0.0).prev_sample
     images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     save_images(images, path, None, columns)

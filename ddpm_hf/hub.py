@@ -61,7 +61,8 @@ def check_dataset_on_hub(repo_id: str, timeout: float = 5.0) -> None:
 # What a pushed run holds: the pipeline, the card and the run's record; not checkpoints (pushed
 # separately with --push_checkpoints), TensorBoard logs, or the evaluation cache.
 PUSHED_PATTERNS = ["README.md", "model_index.json", "unet/*", "scheduler/*", "training_config.json", "train_stats.json",
-                   "metrics.jsonl", "validation.jsonl", "loss_curve.png", "diagnostics/*", "best/**", "evaluation/*"]
+                   "metrics.jsonl", "validation.jsonl", "loss_curve.png", "diagnostics/*", "best/**", "evaluation/*",
+                   "guide/*"]
 
 
 class HubPusher:
@@ -191,6 +192,11 @@ def model_card(repo_id: str, config: dict, stats: dict, sample_grid: str | None,
         usage = ("from diffusers import DDPMPipeline\n\n"
                  f"pipeline = DDPMPipeline.from_pretrained(\"{repo_id}\")\n"
                  "images = pipeline(batch_size=16, num_inference_steps=1000).images")
+        if config.get("guide_step") is not None:
+            usage += ("\n\n# With autoguidance by its own EMA at step " + str(config["guide_step"]) + " (guide/), at the weight the run chose:\n"
+                      "from ddpm_hf.pipeline import AutoGuidedDDPMPipeline  # the ddpm_hf package that trained it\n\n"
+                      f"pipeline = AutoGuidedDDPMPipeline.from_run(\"{repo_id}\")\n"
+                      f"images = pipeline(batch_size=16, num_inference_steps={config.get('num_inference_steps') or 1000}).images  # guidance_scale=w for another weight")
     lines = [
         f"---\n{card_data.to_yaml()}\n---",
         f"# {repo_id}",

@@ -21,6 +21,7 @@ from .environment import BEST, HUB_STAGING
 from .errors import UserError
 from .files import atomic_path, write_json
 from .generation import build_pipeline, class_grid_labels, draw_images, pipeline_for, save_images
+from .pipeline import GUIDE_DIR, GUIDE_RECORD, AutoGuidedDDPMPipeline
 from .validation import timestep_profile, validation_losses
 
 
@@ -48,6 +49,7 @@ def maintain(run) -> Stop | None:
     """Every job after a step, in order; returns why training stops, or None to go on."""
     step = run.progress.step
     stop = Stop("finished") if step >= run.max_steps else None
+    take_guide(run)
     if validate(run, final=stop is not None) and stop is None:
         stop = Stop("early_stopping")
     logged = log_metrics(run, final=stop is not None)
@@ -88,6 +90,27 @@ def validate(run, final: bool) -> bool:
         run.say(f"early stopping at step {progress.step}: no improvement over {best.best_loss:.5f} (step {best.best_step}) in "
                 f"{config.early_stopping_patience} validations; best model in {os.path.join(config.output_dir, BEST)}")
     return best.stopped
+
+
+def take_guide(run) -> None:
+    """At --guide_step: keep the sampling weights as autoguidance's guide (the grids and evaluations
+    from this step on are guided by it) and write them to guide/, with the weight to sample at."""
+    config, step = run.config, run.progress.step
+    if run.guide is None or step != config.guide_step:
+        return
+    with run.interval.paused():
+        run.guide.take(run.sampling_weights())
+        if run.accelerator.is_main_process:
+            save_guide(run)
+    run.say(f"step {step}: kept the EMA weights as the autoguidance guide ({os.path.join(config.output_dir, GUIDE_DIR)}); "
+            f"samples from now on use guide + {config.guidance_scale:g} (model - guide)")
+
+
+def save_guide(run) -> None:
+    """guide/: the guide UNet and guidance.json (the step it was taken at, the weight the run samples with)."""
+    with atomic_path(os.path.join(run.config.output_dir, GUIDE_DIR)) as partial:
+        run.guide.unet.save_pretrained(partial, safe_serialization=True)
+        write_json(os.path.join(partial, GUIDE_RECORD), {"step": run.guide.step, "guidance_scale": run.config.guidance_scale})
 
 
 def save_best(run, record: dict) -> None:
@@ -156,12 +179,13 @@ def evaluation_batch_size(config, sample_size: int) -> int:
 def evaluate(run, final: bool) -> None:
     """FID and classifier scores of --eval_num_samples images (sampling weights) at --eval_steps and at the end."""
     config, progress = run.config, run.progress
-    if run.evaluator is None or not (every(config.eval_steps, progress.step) or final):
+    due = every(config.eval_steps, progress.step) and progress.step >= config.eval_start_step
+    if run.evaluator is None or not (due or final):
         return
     train_seconds = progress.train_seconds + run.interval.running_seconds()  # an evaluation may fall between logging steps
     with run.interval.paused():
         started = time.perf_counter()
-        pipeline = build_pipeline(run.sampling_weights(), run.noise_scheduler.config, config.sampler, run.device)
+        pipeline = build_pipeline(run.sampling_weights(), run.noise_scheduler.config, config.sampler, run.device, guide=run.sampling_guide())
         labels = torch.arange(config.eval_num_samples) % run.data.num_classes if config.class_conditional else None
         images = draw_images(pipeline, config.eval_num_samples, evaluation_batch_size(config, run.unet.config.sample_size),
                              config.grid_inference_steps, config.seed,
@@ -171,7 +195,7 @@ def evaluate(run, final: bool) -> None:
                   "eval_seconds": time.perf_counter() - started}
         run.evaluation_seconds += scores["eval_seconds"]
         # Time to quality: the optimisation time, and this process's wall time less the evaluations (and the classifier's training).
-        run.evaluation_log.append({"step": progress.step, "images_seen": progress.images_seen, **scores, "train_s": train_seconds,
+        run.evaluation_log.append({"step": progress.step, "images_seen": progress.images_seen, **scores, "autoguided": isinstance(pipeline, AutoGuidedDDPMPipeline), "train_s": train_seconds,
                                    "wall_s": time.time() - run.started - run.evaluation_seconds})
         if config.report_to != "none":
             run.accelerator.log({f"eval_{k}": v for k, v in scores.items()}, step=progress.step)
@@ -185,13 +209,15 @@ def write_grid(run, final: bool) -> str | None:
     if not run.accelerator.is_main_process or not (every(config.save_images_steps, step) or final):
         return None
     with run.interval.paused():
-        pipeline = build_pipeline(run.sampling_weights(), run.noise_scheduler.config, config.sampler, run.device)
+        guide = run.sampling_guide()
+        pipeline = build_pipeline(run.sampling_weights(), run.noise_scheduler.config, config.sampler, run.device, guide=guide)
         labels, columns = class_grid_labels(run.data.num_classes, config.eval_batch_size) if config.class_conditional else (None, None)
         count = len(labels) if labels is not None else config.eval_batch_size
         names = run.data.class_names or [str(i) for i in range(run.data.num_classes or 0)]
         row_labels = names if config.class_conditional else None
         caption = (f"step {step}, {config.sampler.upper()} {config.grid_inference_steps} steps, {'EMA' if config.use_ema else 'live'} weights"
-                   + (f", guidance {config.guidance_scale:g}" if config.class_conditional else ""))
+                   + (f", guidance {config.guidance_scale:g}" if config.class_conditional else "")
+                   + (f", autoguidance {config.guidance_scale:g} (guide: step {config.guide_step})" if guide is not None else ""))
         # Image i is seeded by (seed, i), as in the sampling command: the same noise at every step of the run.
         images = draw_images(pipeline, count, count, config.grid_inference_steps, config.seed, class_labels=labels,
                              guidance_scale=config.guidance_scale, progress=False)

@@ -17,9 +17,10 @@ from .sources import ValidationImages
 
 
 def sample_and_score(unet, scheduler_config, class_names, evaluator: Evaluator, scheduler: str, steps: int, num_samples: int, batch_size: int,
-                     seed: int, eta: float, guidance_scale: float, device) -> dict:
-    """Draw ``num_samples`` images (every class in turn for a conditional model) and score them."""
-    pipeline = build_pipeline(unet, scheduler_config, scheduler, device, class_names)
+                     seed: int, eta: float, guidance_scale: float, device, guide=None) -> dict:
+    """Draw ``num_samples`` images (every class in turn for a conditional model; autoguided by
+    ``guide`` when given) and score them."""
+    pipeline = build_pipeline(unet, scheduler_config, scheduler, device, class_names, guide)
     labels = class_labels_for(pipeline, num_samples, None)
     started = time.perf_counter()
     images = draw_images(pipeline, num_samples, batch_size, steps, seed, eta, labels, guidance_scale)
@@ -53,16 +54,18 @@ def bits_per_dim_report(unet, scheduler_config, held_out: ValidationImages, desc
 
 
 def guidance_sweep(unet, scheduler_config, class_names, evaluator: Evaluator, scales: list[float], scheduler: str, steps: int,
-                   num_samples: int, batch_size: int, seed: int, eta: float, device, report_dir: str) -> list[dict]:
-    """Classifier-free guidance at each scale in ``scales``: the same noises and class-balanced labels,
-    scored for quality (FID, mean confidence, label accuracy, class precision) and diversity
-    (class recall, class entropy). Writes guidance.csv, guidance.md and guidance.png."""
+                   num_samples: int, batch_size: int, seed: int, eta: float, device, report_dir: str, guide=None) -> list[dict]:
+    """Guidance at each scale in ``scales``, on the same noises: classifier-free guidance of a
+    conditional model (class-balanced labels), or autoguidance by ``guide``. Scored for quality
+    (FID, mean confidence; with labels, label accuracy and class precision) and diversity (class
+    entropy; with labels, class recall). Writes guidance.csv, guidance.md and guidance.png."""
     from .plots import plot_guidance_sweep
 
-    pipeline = build_pipeline(unet, scheduler_config, scheduler, device, class_names)
+    pipeline = build_pipeline(unet, scheduler_config, scheduler, device, class_names, guide)
     labels = class_labels_for(pipeline, num_samples, None)
-    if labels is None:
-        raise UserError("--guidance_scales needs a class-conditional model (trained with --class_conditional); this one has no classes")
+    if labels is None and guide is None:
+        raise UserError("--guidance_scales needs a class-conditional model (trained with --class_conditional) or a guide for autoguidance "
+                        "(trained with --guide_step, or --guide PATH); this one has neither")
     rows = []
     for scale in scales:
         started = time.perf_counter()
@@ -76,13 +79,17 @@ def guidance_sweep(unet, scheduler_config, class_names, evaluator: Evaluator, sc
               file=sys.stderr, flush=True)
     os.makedirs(report_dir, exist_ok=True)
     write_csv(os.path.join(report_dir, "guidance.csv"), rows)
-    intro = (f"Classifier-free guidance sweep: {num_samples} images per scale ({scheduler.upper()} {steps} steps, seed {seed}, every class in turn), "
-             f"{evaluator.extractor.name} features. Quality: FID, mean confidence, label accuracy, class precision. Diversity: class recall "
-             "(Kynkäänniemi et al. 2019, k = 3, within each class), class entropy.")
-    headers = {"guidance_scale": "s", "fid": "FID", "seconds_per_image": "s / image", "mean_confidence": "mean confidence", "label_accuracy": "label accuracy",
+    if guide is None:
+        intro = (f"Classifier-free guidance sweep: {num_samples} images per scale ({scheduler.upper()} {steps} steps, seed {seed}, every class in turn), "
+                 f"{evaluator.extractor.name} features. Quality: FID, mean confidence, label accuracy, class precision. Diversity: class recall "
+                 "(Kynkäänniemi et al. 2019, k = 3, within each class), class entropy.")
+    else:
+        intro = (f"Autoguidance sweep (guide + w (model - guide)): {num_samples} images per weight ({scheduler.upper()} {steps} steps, seed {seed}), "
+                 f"{evaluator.extractor.name} features. Quality: FID, mean confidence. Diversity: class entropy (log2 10 = 3.32 for ten equal classes).")
+    headers = {"guidance_scale": "s" if guide is None else "w", "fid": "FID", "seconds_per_image": "s / image", "mean_confidence": "mean confidence", "label_accuracy": "label accuracy",
                "class_precision": "class precision", "class_recall": "class recall", "class_entropy_bits": "class entropy (bits)"}
     write_markdown(os.path.join(report_dir, "guidance.md"), intro, rows, {k: v for k, v in headers.items() if k in rows[0]})
-    plot_guidance_sweep(rows, os.path.join(report_dir, "guidance.png"))
+    plot_guidance_sweep(rows, os.path.join(report_dir, "guidance.png"), "autoguidance" if guide is not None else "classifier-free guidance")
     return rows
 
 

@@ -1,4 +1,7 @@
-"""A `diffusers` pipeline for class-conditional DDPMs with classifier-free guidance.
+"""`diffusers` pipelines for the two kinds of guidance: class-conditional DDPMs with classifier-free
+guidance, and unconditional DDPMs with autoguidance.
+
+Classifier-free guidance.
 
 The UNet has ``num_class_embeds = K + 1`` class embeddings: labels 0..K-1 are the dataset's
 classes and label K is the "null" class that training substitutes for the real label with
@@ -13,15 +16,31 @@ diversity for class fidelity. Any scheduler that steps on a model output works: 
 (with ``eta``), DPM-Solver++ and the others diffusers offers for DDPM-trained models.
 
 Load a saved one with ``ClassConditionalDDPMPipeline.from_pretrained(path)``.
+
+Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
+an unconditional model D is guided by a weaker version of itself, G (here: the same run's EMA
+early in training, which train_ddpm.py saves with ``--guide_step``), eq. 2 with w >= 1:
+
+    D_w(x; t) = G(x; t) + w (D(x; t) - G(x; t))
+
+Where the weak model errs, the strong one errs less in the same direction, so extrapolating away
+from G moves samples towards the data's well-formed modes without the loss of variety that
+classifier-free guidance brings (it needs no labels). w = 1 is the plain model. Load a trained
+run with ``AutoGuidedDDPMPipeline.from_run(path)``.
 """
 
 from __future__ import annotations
 
 import inspect
+import json
+import os
 
 import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
+
+GUIDE_DIR = "guide"  # in a run folder: the weaker model that autoguidance pushes away from (not part of model_index.json)
+GUIDE_RECORD = "guidance.json"  # in GUIDE_DIR: the step it was taken at and the weight the run samples with
 
 
 def null_class_label(unet: UNet2DModel) -> int:
@@ -44,6 +63,49 @@ def guided_prediction(unet: UNet2DModel, x_t: torch.Tensor, t, class_labels: tor
     both = unet(torch.cat([x_t, x_t]), t, class_labels=torch.cat([class_labels, null])).sample
     conditional, unconditional = both.chunk(2)
     return unconditional + guidance_scale * (conditional - unconditional)
+
+
+def autoguided_prediction(unet: UNet2DModel, guide: UNet2DModel, x_t: torch.Tensor, t, guidance_scale: float) -> torch.Tensor:
+    """G + w (D - G): the guide's prediction pushed towards, and past, the main model's.
+
+    At w = 1 only the main model runs: the formula reduces to it exactly. Like classifier-free
+    guidance it is linear in the networks' outputs, so it holds for eps, x0 and v alike.
+    """
+    main = unet(x_t, t).sample
+    if guidance_scale == 1.0:
+        return main
+    weak = guide(x_t, t).sample
+    return weak + guidance_scale * (main - weak)
+
+
+def denoise(pipeline: DiffusionPipeline, shape: tuple, predict, generator, num_inference_steps: int, eta: float, output_type: str,
+            return_dict: bool) -> ImagePipelineOutput | tuple:
+    """The sampling loop both pipelines share: start from noise, ``predict(x_t, t)`` at each of the
+    scheduler's timesteps and step, then return images in [0, 1] as ``output_type`` says."""
+    # Like DDPMPipeline: draw the starting noise on the generator's device, so a CPU generator
+    # gives the same images on every device.
+    image = randn_tensor(shape, generator=generator, device=pipeline._execution_device, dtype=pipeline.unet.dtype)
+    image = image * pipeline.scheduler.init_noise_sigma
+    scheduler = pipeline.scheduler
+    scheduler.set_timesteps(num_inference_steps, device=pipeline._execution_device)
+    step_parameters = set(inspect.signature(scheduler.step).parameters)
+    step_options = {"generator": generator} if "generator" in step_parameters else {}
+    if "eta" in step_parameters:
+        step_options["eta"] = eta
+    for t in pipeline.progress_bar(scheduler.timesteps):
+        model_output = predict(scheduler.scale_model_input(image, t), t)
+        image = scheduler.step(model_output, t, image, **step_options).prev_sample
+
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        result = image
+    else:
+        result = image.cpu().permute(0, 2, 3, 1).float().numpy()
+        if output_type == "pil":
+            result = pipeline.numpy_to_pil(result)
+    if not return_dict:
+        return (result,)
+    return ImagePipelineOutput(images=result)
 
 
 class ClassConditionalDDPMPipeline(DiffusionPipeline):
@@ -121,29 +183,86 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         labels = self._labels(class_labels)
         config = self.unet.config
         shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
-        # Like DDPMPipeline: draw the starting noise on the generator's device, so a CPU generator
-        # gives the same images on every device.
-        image = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=self.unet.dtype)
-        image = image * self.scheduler.init_noise_sigma
+        # Guidance is linear, so it applies to whichever target the net predicts (eps, x0 or v).
+        return denoise(self, shape, lambda x_t, t: guided_prediction(self.unet, x_t, t, labels, guidance_scale), generator,
+                       num_inference_steps, eta, output_type, return_dict)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=self._execution_device)
-        step_parameters = set(inspect.signature(self.scheduler.step).parameters)
-        step_options = {"generator": generator} if "generator" in step_parameters else {}
-        if "eta" in step_parameters:
-            step_options["eta"] = eta
-        for t in self.progress_bar(self.scheduler.timesteps):
-            model_input = self.scheduler.scale_model_input(image, t)
-            # Guidance is linear, so it applies to whichever target the net predicts (eps, x0 or v).
-            model_output = guided_prediction(self.unet, model_input, t, labels, guidance_scale)
-            image = self.scheduler.step(model_output, t, image, **step_options).prev_sample
 
-        image = (image / 2 + 0.5).clamp(0, 1)
-        if output_type == "pt":
-            result = image
-        else:
-            result = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                result = self.numpy_to_pil(result)
-        if not return_dict:
-            return (result,)
-        return ImagePipelineOutput(images=result)
+class AutoGuidedDDPMPipeline(DiffusionPipeline):
+    """Sample an unconditional UNet2DModel with autoguidance by a weaker UNet of the same shape.
+
+    :param unet: the trained model D (a run's pipeline, its EMA weights).
+    :param guide: the weaker model G: train_ddpm.py's ``--guide_step`` saves the run's EMA at
+      that step to ``OUTPUT/guide/``. It must take the same inputs and predict the same target.
+    :param scheduler: a DDPMScheduler, DDIMScheduler or another diffusers scheduler on the training schedule.
+    :param guidance_scale: the weight w used when a call gives none.
+    """
+
+    model_cpu_offload_seq = "unet->guide"
+
+    def __init__(self, unet: UNet2DModel, guide: UNet2DModel, scheduler, guidance_scale: float = 1.0):
+        super().__init__()
+        for name in ("in_channels", "out_channels", "sample_size"):
+            if getattr(unet.config, name) != getattr(guide.config, name):
+                raise ValueError(f"the guide's {name} is {getattr(guide.config, name)}, the model's {getattr(unet.config, name)}: "
+                                 "a guide must take the same images as the model")
+        self.register_modules(unet=unet, guide=guide, scheduler=scheduler)
+        self.register_to_config(guidance_scale=guidance_scale)  # the default weight, saved in model_index.json
+
+    @classmethod
+    def from_run(cls, model: str, guide: str | None = None, **options) -> "AutoGuidedDDPMPipeline":
+        """The pipeline of a run folder (or Hub id) written by train_ddpm.py with ``--guide_step``:
+        its pipeline as D and its ``guide/`` as G, sampled by default at the weight the run chose
+        (``guide/guidance.json``). ``guide`` names another UNet folder (or Hub id) as G instead."""
+        from diffusers import DDPMPipeline
+
+        pipeline = DDPMPipeline.from_pretrained(model, **options)
+        if guide:
+            return cls(unet=pipeline.unet, guide=UNet2DModel.from_pretrained(guide, **options).eval(), scheduler=pipeline.scheduler)
+        weak = UNet2DModel.from_pretrained(model, subfolder=GUIDE_DIR, **options).eval()
+        record = read_guide_record(model)
+        return cls(unet=pipeline.unet, guide=weak, scheduler=pipeline.scheduler, guidance_scale=record.get("guidance_scale", 1.0))
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        guidance_scale: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        num_inference_steps: int = 1000,
+        eta: float = 0.0,
+        output_type: str = "pil",
+        return_dict: bool = True,
+    ) -> ImagePipelineOutput | tuple:
+        """Draw ``batch_size`` images.
+
+        :param guidance_scale: w in G + w (D - G); 1 = the model alone (the guide is not run);
+          default: the pipeline's own (the run's choice, for ``from_run``).
+        :param eta: DDIM's noise scale (0 = deterministic); ignored by schedulers without it.
+        :param output_type: "pil", "np" (floats in [0, 1], NHWC) or "pt" (NCHW tensor in [0, 1]).
+        """
+        guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
+        config = self.unet.config
+        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
+        return denoise(self, shape, lambda x_t, t: autoguided_prediction(self.unet, self.guide, x_t, t, guidance_scale), generator,
+                       num_inference_steps, eta, output_type, return_dict)
+
+
+def read_guide_record(model: str) -> dict:
+    """``guide/guidance.json`` of a run folder or Hub id: {"step", "guidance_scale"}; {} when it has none."""
+    path = os.path.join(model, GUIDE_DIR, GUIDE_RECORD)
+    if not os.path.isdir(model):
+        from huggingface_hub import hf_hub_download
+        from huggingface_hub.errors import EntryNotFoundError
+
+        try:
+            path = hf_hub_download(model, f"{GUIDE_DIR}/{GUIDE_RECORD}")
+        except EntryNotFoundError:
+            return {}
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return {}

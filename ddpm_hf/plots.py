@@ -112,13 +112,14 @@ def plot_bits_per_dim_terms(rows: list[dict], path: str, title: str) -> None:
     _save(figure, path)
 
 
-def plot_guidance_sweep(rows: list[dict], path: str) -> None:
+def plot_guidance_sweep(rows: list[dict], path: str, kind: str = "classifier-free guidance") -> None:
     """Left: FID against the guidance scale. Right: the quality/diversity trade-off, one point per
     scale (mean confidence, or precision, against class recall when measured)."""
     scales = [r["guidance_scale"] for r in rows]
+    symbol = "w" if kind == "autoguidance" else "s"
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4), dpi=120)
     left.plot(scales, [r["fid"] for r in rows], "o-", color="tab:blue")
-    left.set_xlabel("guidance scale s")
+    left.set_xlabel(f"guidance scale {symbol}")
     left.set_ylabel("FID")
     left.grid(True, alpha=0.3)
     diversity = "class_recall" if "class_recall" in rows[0] else "class_entropy_bits"
@@ -127,11 +128,11 @@ def plot_guidance_sweep(rows: list[dict], path: str) -> None:
         x, y = [r[diversity] for r in rows], [r[quality] for r in rows]
         right.plot(x, y, "o-", color="tab:purple")
         for scale, xi, yi in zip(scales, x, y):
-            right.annotate(f"s={scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
+            right.annotate(f"{symbol}={scale:g}", (xi, yi), textcoords="offset points", xytext=(4, 4), fontsize=8)
         right.set_xlabel(f"diversity: {diversity.replace('_', ' ')}")
         right.set_ylabel(f"quality: {quality.replace('_', ' ')}")
         right.grid(True, alpha=0.3)
-    figure.suptitle("classifier-free guidance sweep")
+    figure.suptitle(f"{kind} sweep")
     _save(figure, path)
 
 

@@ -22,7 +22,7 @@ from . import checkpoints
 from .config import TrainingConfig
 from .sources import InMemoryImages, StreamingImages, load_data
 from .diagnostics import write_diagnostics_at_start
-from .ema import AverageSet, ExponentialMovingAverage, LiveWeights
+from .ema import AverageSet, ExponentialMovingAverage, Guide, LiveWeights
 from .environment import check_compiled_gradients, make_accelerator, prepare_output_dir, step_options
 from .errors import UserError, first_line
 from .faults import with_injected_faults
@@ -71,6 +71,7 @@ class Run:
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler
     ema: ExponentialMovingAverage | LiveWeights
     extra_emas: AverageSet  # --extra_ema_decays: more lengths to choose from after training (often empty)
+    guide: Guide | None  # --guide_step: autoguidance's guide, once the run has reached that step
     data: InMemoryImages | StreamingImages
     validation: ValidationSet | None
     early_stopping: EarlyStopping
@@ -115,8 +116,14 @@ class Run:
         self.ema.copy_to(self.sampling_unet.parameters())
         return self.sampling_unet.eval()
 
+    def sampling_guide(self) -> UNet2DModel | None:
+        """The guide that grids and evaluations are autoguided by: None until --guide_step (or without one)."""
+        return self.guide.unet if self.guide is not None else None
+
     def checkpoint_state(self) -> checkpoints.NamedState:
         extra = {"extra_emas": self.extra_emas} if self.extra_emas else {}  # absent without them: older checkpoints still load
+        if self.guide is not None:
+            extra["guide"] = self.guide
         return checkpoints.NamedState(progress=self.progress, ema=self.ema, lr_scheduler=self.lr_scheduler,
                                       timestep_sampler=self.timestep_sampler, data=self.data, early_stopping=self.early_stopping, **extra)
 
@@ -172,6 +179,9 @@ def build_run(config: TrainingConfig, stop_request: StopRequest, cleanup: contex
     optimizer = make_optimizer(unet, config)
     images_per_step = config.train_batch_size * world_size * config.gradient_accumulation_steps
     max_steps = total_train_steps(config, data, images_per_step)
+    if config.guide_step is not None and config.guide_step >= max_steps:
+        raise UserError(f"--guide_step ({config.guide_step}) must come before the run's last step ({max_steps}): "
+                        "the guide is an earlier, weaker state of the same run")
     apply_epoch_intervals(config, data, images_per_step)
     # Stepped once per optimizer step on every process, so it is not passed to prepare(), which
     # would step it num_processes times.
@@ -189,6 +199,7 @@ def build_run(config: TrainingConfig, stop_request: StopRequest, cleanup: contex
         noise_scheduler=noise_scheduler, objective=objective, timestep_sampler=make_timestep_sampler(config.timestep_sampling, config.ddpm_num_steps),
         optimizer=optimizer, lr_scheduler=lr_scheduler, ema=ema,
         extra_emas=AverageSet(unet.parameters(), config.extra_ema_decays, config.ema_inv_gamma, config.ema_power), data=data,
+        guide=Guide(config.guide_step, lambda: UNet2DModel.from_config(unet.config).to(device)) if config.guide_step is not None else None,
         validation=make_validation_set(held_out, config.ddpm_num_steps, config.seed) if held_out is not None else None,
         early_stopping=EarlyStopping(config.early_stopping_patience, config.early_stopping_min_delta),
         random_flip=config.random_flip if config.random_flip is not None else data.channels == 3,

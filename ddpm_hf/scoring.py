@@ -144,11 +144,12 @@ def noise_images(count: int, channels: int, resolution: int, seed: int) -> torch
 # Sampler comparison
 # ----------------------------------------------------------------------------------------------
 def compare_samplers(unet, scheduler_config, evaluator: Evaluator, num_samples: int, batch_size: int, seed: int, report_dir: str,
-                     schedulers=COMPARE_SCHEDULERS, steps_list=COMPARE_STEPS, guidance_scale: float = 1.0, device=None) -> list[dict]:
-    """FID and seconds per image for each (sampler, steps); writes samplers.csv, samplers.md and samplers.png."""
+                     schedulers=COMPARE_SCHEDULERS, steps_list=COMPARE_STEPS, guidance_scale: float = 1.0, device=None, guide=None) -> list[dict]:
+    """FID and seconds per image for each (sampler, steps), autoguided by ``guide`` when given; writes
+    samplers.csv, samplers.md and samplers.png."""
     rows = []
     for scheduler in schedulers:
-        pipeline = build_pipeline(unet, scheduler_config, scheduler, device)
+        pipeline = build_pipeline(unet, scheduler_config, scheduler, device, guide=guide)
         labels = class_labels_for(pipeline, num_samples, None)
         for steps in steps_list:
             if steps > scheduler_config["num_train_timesteps"]:

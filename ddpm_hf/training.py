@@ -18,7 +18,7 @@ from .files import read_json, write_json
 from .generation import pipeline_for
 from .hub import measured_results, model_card
 from .interrupts import Interrupted, stop_on_signals
-from .maintenance import Stop, interrupted_message, maintain, stop_before_training, stop_on_data_failure
+from .maintenance import Stop, interrupted_message, maintain, save_guide, stop_before_training, stop_on_data_failure
 from .metrics import peak_memory_bytes, smooth_without_lag
 from .models import count_parameters
 from .run import Run, build_run
@@ -92,6 +92,8 @@ def finish(run: Run) -> dict:
                               "its pipeline, statistics and model card are left as they are")
         else:
             pipeline_for(run.sampling_weights(), run.noise_scheduler, run.data.class_names).save_pretrained(config.output_dir, safe_serialization=True)
+            if run.sampling_guide() is not None:  # written again beside the pipeline, in case guide/ was lost since its step
+                save_guide(run)
             save_weight_choices(run)
             stats = run_statistics(run, ranks_identical)
             write_json(stats_path, stats)

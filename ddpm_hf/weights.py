@@ -37,3 +37,9 @@ def resolve_weights(model: str, name: str | None) -> str:
         known = ", ".join(choices) if choices else "none: it has only its main weights (train with --extra_ema_decays to keep more)"
         raise UserError(f"--weights {name!r} is not a choice of {model}; its choices are {known}")
     return os.path.normpath(os.path.join(model, choices[name]))
+
+
+def run_folders(model: str) -> list[str]:
+    """Where a pipeline folder's run keeps its own files (training_config.json, guide/): the folder
+    itself, then the one and two above it (for best/ and weights/<choice>/), nearest first."""
+    return [os.path.normpath(os.path.join(model, *[os.pardir] * up)) for up in range(3)]
