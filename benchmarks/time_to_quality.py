@@ -75,6 +75,8 @@ def main(argv=None) -> int:
     if good:
         print(f"\n{bar}: reached at step {good['step']}, after {good['train_s']:.0f} s of training, "
               f"{good['wall_s']:.0f} s ({good['wall_s'] / 60:.1f} min) of wall time")
+        if good is rows[0] and config.get("eval_start_step"):
+            print(f"  (at the first evaluation: the crossing may lie before step {good['step']}; lower --eval_start_step to locate it)")
     else:
         print(f"\n{bar}: not reached in {rows[-1]['step']} steps")
     report = {
@@ -82,7 +84,10 @@ def main(argv=None) -> int:
         "device": stats["device"], "config": args.config, "overrides": overrides, "short": args.short,
         "bar": {"min_confidence": args.min_confidence, "max_fid": args.max_fid, "num_samples": args.eval_num_samples},
         "sampler": {"name": config["sampler"], "steps": config["num_inference_steps"],
-                    "guidance_scale": config["guidance_scale"] if config.get("class_conditional") else None},  # unconditional: none
+                    # classifier-free guidance (conditional) or autoguidance from guide_step on; a plain unconditional run has none
+                    "guidance_scale": config["guidance_scale"] if config.get("class_conditional") or config.get("guide_step") else None,
+                    "guide_step": config.get("guide_step")},
+        "training_images_per_s": stats["images_per_s"],  # the machine's speed: times scale with it
         "reached": good, "evaluations": rows, "process_seconds_with_evaluations": round(total_s, 1),
     }
     with open(args.json, "w") as f:
