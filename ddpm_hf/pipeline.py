@@ -1,9 +1,7 @@
 """`diffusers` pipelines for the two kinds of guidance: class-conditional DDPMs with classifier-free
 guidance, and unconditional DDPMs with autoguidance.
 
-Classifier-free guidance.
-
-The UNet has ``num_class_embeds = K + 1`` class embeddings: labels 0..K-1 are the dataset's
+Classifier-free guidance. The UNet has ``num_class_embeds = K + 1`` class embeddings: labels 0..K-1 are the dataset's
 classes and label K is the "null" class that training substitutes for the real label with
 probability ``cond_drop_prob``. One network therefore predicts both eps(x_t, t, y) and
 eps(x_t, t, null), and guidance combines them (Ho and Salimans 2022, eq. 6, written with
@@ -19,9 +17,9 @@ Load a saved one with ``ClassConditionalDDPMPipeline.from_pretrained(path)``.
 
 Autoguidance (Karras et al. 2024, "Guiding a diffusion model with a bad version of itself"):
 an unconditional model D is guided by a weaker version of itself, G (here: the same run's EMA
-early in training, which train_ddpm.py saves with ``--guide_step``), eq. 2 with w >= 1:
+early in training, which train_ddpm.py saves with ``--guide_step``), with a weight w >= 1:
 
-    D_w(x; t) = G(x; t) + w (D(x; t) - G(x; t))
+    D_w(x; t) = G(x; t) + w (D(x; t) - G(x; t))     (the paper's w D_1 + (1 - w) D_0)
 
 Where the weak model errs, the strong one errs less in the same direction, so extrapolating away
 from G moves samples towards the data's well-formed modes without the loss of variety that

@@ -42,10 +42,11 @@ def test_time_to_quality_short_mode_runs_the_recipe_and_reports_its_evaluations(
     assert "configs/fast-digits-cpu.yaml" in result.stdout and "not reached in 4 steps" in result.stdout  # 4 steps draw no digits
     report = json.loads(out.read_text())
     assert set(report) == {"date", "machine", "device", "config", "overrides", "short", "bar", "sampler", "reached", "evaluations",
-                           "process_seconds_with_evaluations"}
+                           "process_seconds_with_evaluations", "training_images_per_s"}
     assert [r["step"] for r in report["evaluations"]] == [2, 4] and report["reached"] is None and report["short"] is True
-    assert report["sampler"] == {"name": "ddpm", "steps": 2, "guidance_scale": 2.0}
+    assert report["sampler"] == {"name": "ddpm", "steps": 2, "guidance_scale": 2.0, "guide_step": None}
     for row in report["evaluations"]:
-        assert set(row) == {"step", "images_seen", "fid", "mean_confidence", "class_entropy_bits", "eval_seconds", "train_s", "wall_s"}
+        assert set(row) == {"step", "images_seen", "fid", "mean_confidence", "class_entropy_bits", "eval_seconds", "autoguided", "train_s", "wall_s"}
+        assert row["autoguided"] is False  # a class-conditional run: classifier-free guidance
         assert all(_finite_positive(float(row[k])) for k in ("images_seen", "fid", "mean_confidence", "eval_seconds", "train_s", "wall_s"))
-    assert _finite_positive(float(report["process_seconds_with_evaluations"]))
+    assert _finite_positive(float(report["process_seconds_with_evaluations"])) and _finite_positive(float(report["training_images_per_s"]))

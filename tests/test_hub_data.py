@@ -127,21 +127,34 @@ def test_hub_mnist_streams_several_shards_with_workers_and_resumes_exactly_after
 
 def test_hub_model_pushed_then_sampled_evaluated_and_loaded_by_its_id(hub, through, tmp_path):
     out = tmp_path / "run"
-    pushed = run_train([*FAST, "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "local-user/tiny-digits"], **through)
+    pushed = run_train([*FAST, "--output_dir", str(out), "--push_to_hub", "--hub_model_id", "local-user/tiny-digits", "--guide_step", "2",
+                        "--guidance_scale", "1.5"], **through)
     assert pushed.returncode == 0, pushed.stderr[-3000:]
     sampled = run_module("ddpm_hf.sample", "local-user/tiny-digits", "--num_images", "2", "--num_inference_steps", "2",
                          "--grid", str(tmp_path / "grid.png"), **through)
     assert sampled.returncode == 0, sampled.stderr[-3000:]
     assert PIL.Image.open(tmp_path / "grid.png").size[0] > 100
-    assert hub.requested("/local-user/tiny-digits/resolve/") and any(p.endswith(WEIGHTS) for p in hub.requested("/local-user/tiny-digits/resolve/"))
+    downloaded = hub.requested("/local-user/tiny-digits/resolve/")
+    assert any(p.endswith(WEIGHTS) for p in downloaded) and any(p.endswith("guide/diffusion_pytorch_model.safetensors") for p in downloaded)
+    # The pushed run's guide came with it: sampled by id, it is autoguided at the run's weight.
+    assert json.loads(sampled.stdout.strip().splitlines()[-1])["guidance_scale"] == 1.5
+    # A model without a guide (the Hub answers EntryNotFound for guide/guidance.json) is sampled plainly.
+    (hub.repo_path("models", "local-user/plain")).mkdir(parents=True)
+    for name in ["model_index.json", "unet/config.json", WEIGHTS, "scheduler/scheduler_config.json"]:
+        (hub.repo_path("models", "local-user/plain") / name).parent.mkdir(parents=True, exist_ok=True)
+        (hub.repo_path("models", "local-user/plain") / name).write_bytes((out / name).read_bytes())
+    plain = run_module("ddpm_hf.sample", "local-user/plain", "--num_images", "1", "--num_inference_steps", "2", "--grid", str(tmp_path / "plain.png"),
+                       **through)
+    assert plain.returncode == 0 and json.loads(plain.stdout.strip().splitlines()[-1])["autoguidance"] is False, plain.stderr[-3000:]
     scored = run_module("ddpm_hf.evaluate", "local-user/tiny-digits", "--bpd", "--bpd_images", "2", "--bpd_timesteps", "2",
                         "--report_dir", str(tmp_path / "report"), **through)
     assert scored.returncode == 0, scored.stderr[-3000:]
     assert json.loads((tmp_path / "report/evaluation.json").read_text())["bits_per_dim"]["bits_per_dim"] > 0
     loaded = subprocess.run([sys.executable, "-c", "from diffusers import DDPMPipeline; p = DDPMPipeline.from_pretrained('local-user/tiny-digits'); "
-                             "print(type(p).__name__, p.unet.config.sample_size)"], cwd=tmp_path, env=cli_env(**through), capture_output=True, text=True,
-                            timeout=300)
-    assert loaded.returncode == 0 and loaded.stdout.split() == ["DDPMPipeline", "28"], loaded.stderr[-2000:]
+                             "print(type(p).__name__, p.unet.config.sample_size); from ddpm_hf.pipeline import AutoGuidedDDPMPipeline as A; "
+                             "g = A.from_run('local-user/tiny-digits'); print(type(g.guide).__name__, g.config.guidance_scale)"],
+                            cwd=tmp_path, env=cli_env(**through, PYTHONPATH=str(REPO)), capture_output=True, text=True, timeout=300)
+    assert loaded.returncode == 0 and loaded.stdout.split() == ["DDPMPipeline", "28", "UNet2DModel", "1.5"], loaded.stderr[-2000:]
 
 
 def test_hub_mnist_download_cut_off_is_retried_and_when_it_keeps_failing_refused_with_nothing_partial_kept(hub, through, tmp_path):
