@@ -17,7 +17,7 @@ python3 benchmarks/throughput.py --presets cifar10 tiny --precisions bf16 --batc
   --json "$out/throughput.json" 2>&1 | tee "$out/throughput.txt"
 fi
 if [[ $phase == all || $phase == quality ]]; then
-python3 benchmarks/time_to_quality.py configs/fast-digits-cpu.yaml --eval_steps 100 --json "$out/time_to_quality.json" \
+python3 benchmarks/time_to_quality.py configs/fast-digits-cpu.yaml --eval_steps 100 --eval_num_samples 200 --max_fid 20 --json "$out/time_to_quality.json" \
   --mixed_precision=bf16 --channels_last 2>&1 | grep -v "it/s" | tee "$out/time_to_quality.txt"
 fi
 if [[ $phase == all || $phase == profile ]]; then

@@ -37,7 +37,7 @@ def test_throughput_benchmark_short_mode_runs_and_writes_json(tmp_path):
 
 def test_time_to_quality_short_mode_runs_the_recipe_and_reports_its_evaluations(tmp_path):
     out = tmp_path / "ttq.json"
-    result = run_module("benchmarks/time_to_quality.py", "--short", "--json", str(out), "--max_train_samples=600")
+    result = run_module("benchmarks/time_to_quality.py", "configs/fast-digits-cpu.yaml", "--short", "--json", str(out), "--max_train_samples=600")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "configs/fast-digits-cpu.yaml" in result.stdout and "not reached in 4 steps" in result.stdout  # 4 steps draw no digits
     report = json.loads(out.read_text())
