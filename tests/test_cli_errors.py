@@ -115,6 +115,9 @@ def test_unwritable_output_dir_and_output_dir_that_is_a_file(tmp_path):
         (["--cond_drop_prob", "1"], "--cond_drop_prob must be in [0, 1)"),
         (["--validation_split", "2"], "--validation_split as a fraction must be in (0, 1)"),
         (["--early_stopping_patience", "4"], "--early_stopping_patience needs a validation loss: add --validation_split"),
+        (["--guide_step", "2", "--class_conditional"], "--guide_step (autoguidance) is for unconditional runs"),
+        (["--guide_step", "4"], "--guide_step (4) must come before the last step (--max_train_steps 4)"),
+        (["--eval_start_step", "-1"], "--eval_start_step must be >= 0"),
     ],
 )
 def test_out_of_range_or_unknown_options(tmp_path, flags, fragment):
