@@ -3,8 +3,8 @@
 
     python benchmarks/time_to_quality.py                                   # the quick start, configs/mnist-5k-cpu.yaml
     python benchmarks/time_to_quality.py --eval_start_step=3800            # extra flags (--flag=value) go to train_ddpm.py (as measured)
-    python benchmarks/time_to_quality.py configs/fast-digits-cpu.yaml --eval_steps 550 --eval_num_samples 200 --max_fid 20 \
-        --json benchmarks/time_to_quality_fast_digits.json                 # the conditional recipe, at its own bar
+    python benchmarks/time_to_quality.py configs/fast-digits-cpu.yaml --eval_steps 550 --eval_num_samples 200 --max_fid 20 --json benchmarks/time_to_quality_fast_digits.json
+                                                                           # the conditional recipe, at its own bar
     python benchmarks/time_to_quality.py --short                           # CI: a few steps, checks it runs
 
 It trains the recipe as a user would (`train_ddpm.py CONFIG`) with the in-training evaluation
