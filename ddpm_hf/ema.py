@@ -116,10 +116,14 @@ class Guide:
         self.step, self.make_unet = step, make_unet
         self.unet = None  # until the run reaches ``step``
 
-    @torch.no_grad()
     def take(self, sampling_unet) -> None:
+        self._hold(sampling_unet.state_dict())
+
+    @torch.no_grad()
+    def _hold(self, weights: dict) -> None:
+        """A UNet of the run's shape with these weights becomes the guide."""
         self.unet = self.make_unet()
-        self.unet.load_state_dict(sampling_unet.state_dict())
+        self.unet.load_state_dict(weights)
         self.unet.eval()
 
     def state_dict(self) -> dict:
@@ -133,6 +137,4 @@ class Guide:
             return
         if state["step"] != self.step:
             raise ValueError(f"the checkpoint's guide was taken at step {state['step']}, this run takes it at step {self.step}")
-        self.unet = self.make_unet()
-        self.unet.load_state_dict(state["weights"])
-        self.unet.eval()
+        self._hold(state["weights"])

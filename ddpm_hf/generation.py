@@ -93,15 +93,17 @@ def load_guide(model: str, guide: str | None = None) -> tuple[UNet2DModel | None
         # Above the folder, only a run's own folder counts (it holds training_config.json).
         run = next((folder for up, folder in enumerate(run_folders(model)) if os.path.isdir(os.path.join(folder, GUIDE_DIR))
                     and (up == 0 or os.path.isfile(os.path.join(folder, "training_config.json")))), None)
-    else:  # a Hub id: every guide/ is written with its guidance.json
-        run = model if read_guide_record(model) else None
+        record = read_guide_record(run) if run is not None else {}
+    else:  # a Hub id: every guide/ is written with its guidance.json, so its absence means no guide
+        record = read_guide_record(model)
+        run = model if record else None
     if run is None:
         return None, None
     try:
         unet = UNet2DModel.from_pretrained(run, subfolder=GUIDE_DIR)
     except (OSError, ValueError) as e:
         raise UserError(f"cannot load the guide of {model}: {first_line(e)}; pass --guide none to sample without it") from None
-    return unet.eval(), read_guide_record(run).get("guidance_scale")
+    return unet.eval(), record.get("guidance_scale")
 
 
 def guidance_weight(asked: float | None, guide: UNet2DModel | None, run_weight: float | None) -> float:
@@ -299,13 +301,15 @@ def interpolation_grid(unet, scheduler_config, path: str, rows: int = 4, columns
     scheduler.set_timesteps(steps, device=device)
     x = noises.to(device)
     labels = None
+    if guide is not None:
+        guide = guide.to(device)
     if is_class_conditional(unet):
         labels = torch.full((len(x),), class_label if class_label is not None else 0, device=device)
     for t in scheduler.timesteps:
         if labels is not None:
             output = guided_prediction(unet, x, t, labels, guidance_scale)
         else:
-            output = autoguided_prediction(unet, guide.to(device), x, t, guidance_scale) if guide is not None else unet(x, t).sample
+            output = autoguided_prediction(unet, guide, x, t, guidance_scale) if guide is not None else unet(x, t).sample
         x = scheduler.step(output, t, x, eta=0.0).prev_sample
     images = ((x / 2 + 0.5).clamp(0, 1) * 255).round().to(torch.uint8).cpu()
     save_images(images, path, None, columns)

@@ -76,10 +76,13 @@ def autoguided_prediction(unet: UNet2DModel, guide: UNet2DModel, x_t: torch.Tens
     return weak + guidance_scale * (main - weak)
 
 
-def denoise(pipeline: DiffusionPipeline, shape: tuple, predict, generator, num_inference_steps: int, eta: float, output_type: str,
+def denoise(pipeline: DiffusionPipeline, batch_size: int, predict, generator, num_inference_steps: int, eta: float, output_type: str,
             return_dict: bool) -> ImagePipelineOutput | tuple:
-    """The sampling loop both pipelines share: start from noise, ``predict(x_t, t)`` at each of the
-    scheduler's timesteps and step, then return images in [0, 1] as ``output_type`` says."""
+    """The sampling loop both pipelines share: start from ``batch_size`` images of noise shaped as
+    ``pipeline.unet`` takes them, ``predict(x_t, t)`` at each of the scheduler's timesteps and step,
+    then return images in [0, 1] as ``output_type`` says."""
+    config = pipeline.unet.config
+    shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
     # Like DDPMPipeline: draw the starting noise on the generator's device, so a CPU generator
     # gives the same images on every device.
     image = randn_tensor(shape, generator=generator, device=pipeline._execution_device, dtype=pipeline.unet.dtype)
@@ -179,10 +182,8 @@ class ClassConditionalDDPMPipeline(DiffusionPipeline):
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
         labels = self._labels(class_labels)
-        config = self.unet.config
-        shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
         # Guidance is linear, so it applies to whichever target the net predicts (eps, x0 or v).
-        return denoise(self, shape, lambda x_t, t: guided_prediction(self.unet, x_t, t, labels, guidance_scale), generator,
+        return denoise(self, len(labels), lambda x_t, t: guided_prediction(self.unet, x_t, t, labels, guidance_scale), generator,
                        num_inference_steps, eta, output_type, return_dict)
 
 
@@ -242,9 +243,7 @@ class AutoGuidedDDPMPipeline(DiffusionPipeline):
         guidance_scale = self.config.guidance_scale if guidance_scale is None else guidance_scale
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0, got {guidance_scale}")
-        config = self.unet.config
-        shape = (batch_size, config.in_channels, config.sample_size, config.sample_size)
-        return denoise(self, shape, lambda x_t, t: autoguided_prediction(self.unet, self.guide, x_t, t, guidance_scale), generator,
+        return denoise(self, batch_size, lambda x_t, t: autoguided_prediction(self.unet, self.guide, x_t, t, guidance_scale), generator,
                        num_inference_steps, eta, output_type, return_dict)
 
 
